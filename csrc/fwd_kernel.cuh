@@ -1,0 +1,403 @@
+// Forward kernel: warp-specialised, persistent, TMA + wgmma (sm_90a).
+//
+// CTA = 3 warpgroups. Warpgroup 0 is the producer: one warp issues TMA loads of Q (once per
+// tile) and of K and V (one block per pipeline stage). Warpgroups 1 and 2 are consumers: each
+// owns 64 of the tile's 128 query rows, computes S = Q K^T and O += P V with wgmma, runs the
+// online softmax in registers and writes O and LSE. The producer gives registers away
+// (setmaxnreg) so the consumers can hold S, P and O.
+//
+// Work comes from the schedule built by scheduler.cu: (query block, head) tiles, then chunks
+// of padding rows that are written as zeros inside this same launch.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "gemm.h"
+#include "mask.h"
+#include "params.h"
+#include "scheduler.h"
+#include "softmax.h"
+
+namespace prefixlm {
+
+using namespace cute;
+
+template <int kHeadDim_, class Element_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  // Rows per zero record: a chunk of padding rows, written for every head.
+  static constexpr int kZeroRows = 64;
+
+  using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // (M, N, D)
+  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // (M, D, N)
+  using AtomLayout = Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>;    // warpgroups split M
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), AtomLayout{}));
+  // P comes from registers; V^T is read from the V tile, which is row-major (N, D) in smem,
+  // i.e. MN-major for this product.
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  // 128-byte swizzled tiles (D is a multiple of 64 elements = 128 bytes).
+  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(
+      SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));  // (N, D, stages)
+  // The same V bytes seen as (D, N, stages) for the PV product.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                          Step<_2, _1, _3>{})));
+
+  // Global tensors as TMA sees them: (rows, D, heads), rows and heads strided.
+  using GmemShape = Shape<int32_t, int32_t, int32_t>;
+  using GmemStride = Stride<int64_t, _1, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                                          GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
+                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
+                                       take<0, 2>(SmemLayoutKV{}),
+                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+
+  using PipelineKV = cutlass::PipelineTmaAsync<kStages>;
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    typename PipelineKV::SharedStorage pipeline_k;
+    typename PipelineKV::SharedStorage pipeline_v;
+    alignas(8) uint64_t q_full;   // TMA of Q landed
+    alignas(8) uint64_t q_empty;  // consumers are done reading Q
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+template <class Traits>
+struct FwdKernelParams {
+  FwdParams fp;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaKV tma_k;
+  typename Traits::TmaKV tma_v;
+  const void* schedule;  // workspace written by build_schedule
+  float scale_log2;
+};
+
+// Named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads).
+__device__ inline void warpgroup_sync(int consumer_wg) {
+  cutlass::arch::NamedBarrier::sync(128, 1 + consumer_wg);
+}
+
+__device__ inline WorkRecord load_record(const WorkRecord* records, int i) {
+  const int4* src = reinterpret_cast<const int4*>(records + i);
+  int4 a = __ldg(src);
+  int4 b = __ldg(src + 1);
+  return WorkRecord{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+
+// Key-block range of one (query block) tile: [0, n_blocks).
+template <class Traits>
+__device__ inline int fwd_num_key_blocks(const WorkRecord& rec, const MaskInfo& mask) {
+  const int row_begin = rec.block * Traits::kBlockM;
+  const int row_end = min(row_begin + Traits::kBlockM, rec.len_q);
+  return (mask.key_end(row_begin, row_end) + Traits::kBlockN - 1) / Traits::kBlockN;
+}
+
+__device__ inline MaskInfo record_mask(const WorkRecord& rec, bool causal) {
+  return MaskInfo{rec.len_q, rec.len_k, rec.prefix, causal};
+}
+
+template <class Traits>
+__device__ void fwd_producer(const FwdKernelParams<Traits>& params,
+                             typename Traits::SharedStorage& ss,
+                             typename Traits::PipelineKV& pipeline_k,
+                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles) {
+  using Element = typename Traits::Element;
+  const VarlenProblem& p = params.fp.p;
+  const WorkRecord* records = schedule_records(params.schedule);
+  const int num_blocks = schedule_counts(params.schedule)->num_blocks;
+  const bool leader = cute::elect_one_sync();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutKV{});
+  // (rows, D, heads) coordinate tensors over the whole packed buffers.
+  Tensor mQ = params.tma_q.get_tma_tensor(make_shape(p.total_q, p.head_dim, p.num_heads));
+  Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
+  Tensor mV = params.tma_v.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
+
+  auto write_state = cutlass::make_producer_start_state<typename Traits::PipelineKV>();
+  int q_loads = 0;
+  const int heads_per_kv = p.num_heads / p.num_heads_k;
+  for (int tile = blockIdx.x; tile < num_block_tiles; tile += gridDim.x) {
+    const int head = tile / num_blocks;
+    const WorkRecord rec = load_record(records, tile - head * num_blocks);
+    const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
+    if (n_blocks == 0) continue;  // no key for any row: the consumers write zeros alone
+    const int head_k = head / heads_per_kv;
+
+    // Rows past the end of the buffer are zero-filled by TMA; rows past Lq inside it belong
+    // to padding or the next slot and are never written back.
+    Tensor gQ = local_tile(domain_offset(make_coord(rec.q_start, _0{}), mQ(_, _, head)),
+                           Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{},
+                           make_coord(rec.block, _0{}));  // (M, D)
+    Tensor gK = local_tile(domain_offset(make_coord(rec.k_start, _0{}), mK(_, _, head_k)),
+                           Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>{},
+                           make_coord(_, _0{}));  // (N, D, key blocks)
+    Tensor gV = local_tile(domain_offset(make_coord(rec.k_start, _0{}), mV(_, _, head_k)),
+                           Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>{},
+                           make_coord(_, _0{}));  // (N, D, key blocks)
+    auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                    group_modes<0, 2>(gQ));
+    auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                    group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                    group_modes<0, 2>(gV));
+
+    if (q_loads > 0) cutlass::arch::ClusterBarrier::wait(&ss.q_empty, (q_loads - 1) & 1);
+    if (leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.q_full,
+                                                                     Traits::kQBytes);
+      copy(params.tma_q.with(ss.q_full, 0), tQg, tQs);
+    }
+    ++q_loads;
+    // Key blocks last-first: the first one visited is the only one that can be partial.
+    for (int n = n_blocks - 1; n >= 0; --n) {
+      pipeline_k.producer_acquire(write_state);
+      if (leader) {
+        copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKg(_, n),
+             tKs(_, write_state.index()));
+      }
+      pipeline_v.producer_acquire(write_state);
+      if (leader) {
+        copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write_state), 0), tVg(_, n),
+             tVs(_, write_state.index()));
+      }
+      ++write_state;
+    }
+  }
+}
+
+// Zero-fills V rows [first_row, N) of one stage. They hold keys past Lk (padding, possibly
+// NaN, or the next slot) whose probabilities are exactly 0, but 0 * NaN is NaN.
+template <class Traits, class TensorV>
+__device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread_in_wg) {
+  using Element = typename Traits::Element;
+  const int count = (Traits::kBlockN - first_row) * Traits::kHeadDim;
+  for (int i = thread_in_wg; i < count; i += 128) {
+    sV_stage(first_row + i / Traits::kHeadDim, i % Traits::kHeadDim) = Element(0);
+  }
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before wgmma reads them
+}
+
+// Writes zeros to out and -inf to LSE for padding rows [row_begin, row_end), every head.
+template <class Traits>
+__device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, int thread) {
+  using Element = typename Traits::Element;
+  constexpr int kVec = 16 / sizeof(Element);
+  const VarlenProblem& p = fp.p;
+  const int chunks_per_head = p.head_dim / kVec;
+  const int chunks_per_row = chunks_per_head * p.num_heads;
+  const int total = (row_end - row_begin) * chunks_per_row;
+  Element* out = static_cast<Element*>(fp.out);
+  for (int i = thread; i < total; i += Traits::kConsumerThreads) {
+    const int row = row_begin + i / chunks_per_row;
+    const int rem = i % chunks_per_row;
+    const int head = rem / chunks_per_head;
+    const int col = (rem % chunks_per_head) * kVec;
+    *reinterpret_cast<int4*>(out + row * fp.o_stride.row + head * fp.o_stride.head + col) =
+        make_int4(0, 0, 0, 0);
+  }
+  const int lse_total = (row_end - row_begin) * p.num_heads;
+  for (int i = thread; i < lse_total; i += Traits::kConsumerThreads) {
+    const int head = i / (row_end - row_begin);
+    const int row = row_begin + i % (row_end - row_begin);
+    fp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row] = -INFINITY;
+  }
+}
+
+template <class Traits>
+__device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
+                             typename Traits::SharedStorage& ss,
+                             typename Traits::PipelineKV& pipeline_k,
+                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles,
+                             int num_tiles) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  const FwdParams& fp = params.fp;
+  const VarlenProblem& p = fp.p;
+  const WorkRecord* records = schedule_records(params.schedule);
+  const int num_blocks = schedule_counts(params.schedule)->num_blocks;
+  const int zero_offset = schedule_counts(params.schedule)->zero_offset;
+  const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
+  const int consumer_wg = thread / 128;
+  const int thread_in_wg = thread % 128;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{});
+
+  typename Traits::TiledMmaQK mma_qk;
+  typename Traits::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(thread);
+  auto thr_pv = mma_pv.get_thread_slice(thread);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+  // Accumulators: S (this thread's share of M x N) and O (of M x D), fp32.
+  Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
+  Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
+  // (row, col) coordinates of every accumulator element inside the tile.
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
+  Tensor scores = make_tensor(tSrS.data(), accum_rowcol(tSrS.layout()));    // (rows, N)
+  Tensor scores_coord = make_tensor(tScS.data(), accum_rowcol(tScS.layout()));
+  Tensor acc_o = make_tensor(tOrO.data(), accum_rowcol(tOrO.layout()));     // (rows, D)
+  Tensor acc_o_coord = make_tensor(tOcO.data(), accum_rowcol(tOcO.layout()));
+  constexpr int kRows = decltype(size<0>(scores))::value;
+
+  auto read_state = cutlass::PipelineState<Traits::kStages>();
+  int q_loads = 0;
+  Element* out = static_cast<Element*>(fp.out);
+
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    if (tile >= num_block_tiles) {
+      const WorkRecord rec = load_record(records, zero_offset + (tile - num_block_tiles));
+      fwd_zero_rows<Traits>(fp, rec.q_start, rec.k_start, thread);
+      continue;
+    }
+    const int head = tile / num_blocks;
+    const WorkRecord rec = load_record(records, tile - head * num_blocks);
+    const MaskInfo mask = record_mask(rec, p.causal);
+    const int n_blocks = fwd_num_key_blocks<Traits>(rec, mask);
+    const int m0 = rec.block * kBlockM;
+
+    OnlineSoftmax<kRows> softmax(params.scale_log2);
+    clear(tOrO);
+    if (n_blocks > 0) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full, q_loads & 1);
+      for (int n = n_blocks - 1; n >= 0; --n) {
+        const int n0 = n * kBlockN;
+        pipeline_k.consumer_wait(read_state);
+        warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+        pipeline_k.consumer_release(read_state);
+
+        if (!mask.block_fully_allowed(m0, n0 + kBlockN)) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(scores); ++i) {
+            const int row = m0 + get<0>(scores_coord(i));
+            const int col = n0 + get<1>(scores_coord(i));
+            if (!mask.allowed(row, col)) scores(i) = -INFINITY;
+          }
+        }
+        float rescale[kRows];
+        softmax.update(scores, rescale);
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale[r];
+        }
+        // P in the input precision, laid out as the register A operand of the PV product.
+        Tensor tOrP = make_tensor_like<Element>(tSrS);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
+        Tensor tOrP_a = make_tensor(tOrP.data(), accum_as_operand_a(tOrP.layout()));
+
+        pipeline_v.consumer_wait(read_state);
+        if (n0 + kBlockN > mask.len_k) {
+          Tensor sV_stage = sV(_, _, read_state.index());
+          zero_v_rows<Traits>(sV_stage, mask.len_k - n0, thread_in_wg);
+          warpgroup_sync(consumer_wg);
+        }
+        warpgroup_gemm<false>(mma_pv, tOrP_a, tOrV(_, _, _, read_state.index()), tOrO);
+        pipeline_v.consumer_release(read_state);
+        ++read_state;
+      }
+      ++q_loads;
+      cutlass::arch::ClusterBarrier::arrive(&ss.q_empty);
+    }
+
+    // Epilogue: real rows only; padding rows belong to zero records.
+    float inv_sum[kRows], lse[kRows];
+    softmax.finalize(inv_sum, lse, p.softmax_scale);
+    const int64_t row_base = rec.q_start + m0;
+    Element* out_tile = out + row_base * fp.o_stride.row + head * fp.o_stride.head;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = get<0>(acc_o_coord(r, 0));
+      if (m0 + row >= rec.len_q) continue;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(acc_o); c += 2) {
+        const int col = get<1>(acc_o_coord(r, c));
+        using Pair = cutlass::Array<Element, 2>;
+        Pair v;
+        v[0] = Element(acc_o(r, c) * inv_sum[r]);
+        v[1] = Element(acc_o(r, c + 1) * inv_sum[r]);
+        *reinterpret_cast<Pair*>(out_tile + row * fp.o_stride.row + col) = v;
+      }
+      if (get<1>(acc_o_coord(r, 0)) == 0) {
+        fp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row_base + row] = lse[r];
+      }
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    fwd_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
+  using SharedStorage = typename Traits::SharedStorage;
+  using PipelineKV = typename Traits::PipelineKV;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+
+  const int warp = cutlass::canonical_warp_idx_sync();
+  const int warpgroup = cutlass::canonical_warp_group_idx();
+  if (warp == 0 && cute::elect_one_sync()) {
+    cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+    cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full, 1);
+    cutlass::arch::ClusterBarrier::init(&ss.q_empty, Traits::kConsumerThreads);
+  }
+
+  typename PipelineKV::Params pipe_params;
+  pipe_params.transaction_bytes = Traits::kKVBytes;
+  pipe_params.role = warpgroup == 0 ? PipelineKV::ThreadCategory::Producer
+                                    : PipelineKV::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kConsumerThreads;
+  PipelineKV pipeline_k(ss.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
+  PipelineKV pipeline_v(ss.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barrier initialisation is visible to every warp
+
+  const ScheduleCounts* counts = schedule_counts(params.schedule);
+  const int num_block_tiles = counts->num_blocks * params.fp.p.num_heads;
+  const int num_tiles = num_block_tiles + (params.fp.zero_padding ? counts->num_zero : 0);
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    if (warp == 0) fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles, num_tiles);
+  }
+}
+
+}  // namespace prefixlm

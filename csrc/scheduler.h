@@ -1,0 +1,87 @@
+// Tile scheduler for packed varlen batches, with no host synchronisation.
+//
+// A tiny metadata kernel turns (cu_seqlens, seqused, prefix_lens) into a list of work
+// records in a device workspace; the main kernel is a persistent grid (one CTA per SM) that
+// walks the list with a static stride. The list holds, in this order:
+//   1. one record per (sequence, row block) of the blocked side (query blocks for the
+//      forward, key blocks for the backward), each repeated for every head by the kernel;
+//   2. one record per chunk of padding rows (rows of a slot past its real length, and the
+//      tail rows after the last slot), which the kernel fills with zeros.
+// Counts live at the head of the workspace, so grid sizing never needs them on the host.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace prefixlm {
+
+enum RecordKind : int {
+  kRecordBlock = 0,    // a row block of one sequence
+  kRecordZeroQ = 1,    // padding rows of the query side: [row_begin, row_end)
+  kRecordZeroK = 2,    // padding rows of the key side: [row_begin, row_end)
+};
+
+// 32 bytes, loaded with two 16-byte loads.
+struct alignas(16) WorkRecord {
+  int kind;
+  int block;      // kRecordBlock: block index inside the sequence
+  int q_start;    // kRecordBlock: first row of the slot in q; zero records: row_begin
+  int k_start;    //                                         zero records: row_end
+  int len_q;
+  int len_k;
+  int prefix;
+  int batch;
+};
+
+struct ScheduleCounts {
+  int num_blocks;  // records of kind kRecordBlock, stored first
+  int num_zero;    // zero records
+  int zero_offset; // index of the first zero record (the block records' capacity)
+  int pad;
+};
+
+struct ScheduleConfig {
+  int block_rows;   // rows per block of the blocked side
+  bool key_blocks;  // false: blocks over the real query rows; true: over the real key rows
+  bool reverse;     // emit a sequence's blocks last-first (causal forward: heaviest first)
+  int zero_rows;    // rows per zero record
+  bool zero_q;      // emit zero records for the query-side padding
+  bool zero_k;      // emit zero records for the key-side padding
+};
+
+// Capacities for a workspace, from host-known sizes only. Records that would not fit
+// (possible only with inconsistent metadata) are dropped rather than written out of bounds.
+struct ScheduleCapacity {
+  int blocks;
+  int zero;
+  static ScheduleCapacity make(const VarlenProblem& p, const ScheduleConfig& c) {
+    ScheduleCapacity cap;
+    int rows = c.key_blocks ? p.total_k : p.total_q;
+    cap.blocks = rows / c.block_rows + p.batch + 1;
+    cap.zero = 0;
+    if (c.zero_q) cap.zero += p.total_q / c.zero_rows + p.batch + 2;
+    if (c.zero_k) cap.zero += p.total_k / c.zero_rows + p.batch + 2;
+    return cap;
+  }
+  int64_t workspace_bytes() const {
+    return static_cast<int64_t>(sizeof(ScheduleCounts)) +
+           static_cast<int64_t>(blocks + zero) * static_cast<int64_t>(sizeof(WorkRecord));
+  }
+};
+
+// workspace: ScheduleCounts, then `blocks` block records, then `zero` zero records.
+void build_schedule(const VarlenProblem& p, const ScheduleConfig& c, ScheduleCapacity cap,
+                    void* workspace, cudaStream_t stream);
+
+__host__ __device__ inline const ScheduleCounts* schedule_counts(const void* workspace) {
+  return static_cast<const ScheduleCounts*>(workspace);
+}
+__host__ __device__ inline const WorkRecord* schedule_records(const void* workspace) {
+  return reinterpret_cast<const WorkRecord*>(static_cast<const char*>(workspace) +
+                                             sizeof(ScheduleCounts));
+}
+
+}  // namespace prefixlm

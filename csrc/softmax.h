@@ -1,0 +1,76 @@
+// Online softmax over the rows a thread owns in a wgmma accumulator, in the log2 domain
+// with the softmax scale folded into one FFMA per score.
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+namespace prefixlm {
+
+using namespace cute;
+
+// The 4 threads of a quad hold one row between them.
+__device__ inline float quad_allreduce_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ inline float quad_allreduce_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];  // raw scores (before scaling); -inf while a row has seen no key
+  float row_sum[kRows];  // this thread's partial sum; reduced over the quad in finalize()
+  float scale_log2;      // softmax_scale * log2(e), > 0
+
+  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
+  // scores: (kRows, cols) fp32, masked entries already -inf. Turns scores into unnormalised
+  // probabilities and returns, per row, the factor the output accumulator must be scaled by.
+  template <class TensorS>
+  __device__ void update(TensorS& scores, float (&rescale)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float m = row_max[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
+      m = quad_allreduce_max(m);
+      // A row with no allowed key so far keeps max -inf; subtracting 0 instead keeps
+      // exp2(-inf) = 0 and avoids (-inf) - (-inf) = NaN.
+      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
+      rescale[r] = exp2f(row_max[r] * scale_log2 - m_scaled);
+      row_max[r] = m;
+      float sum = row_sum[r] * rescale[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float p = exp2f(scores(r, c) * scale_log2 - m_scaled);
+        scores(r, c) = p;
+        sum += p;
+      }
+      row_sum[r] = sum;
+    }
+  }
+
+  // Per row: the factor that normalises the output (0 for a row with no allowed key, whose
+  // accumulator is exactly 0) and the natural-log LSE (-inf for such a row).
+  __device__ void finalize(float (&inv_sum)[kRows], float (&lse)[kRows], float softmax_scale) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_allreduce_sum(row_sum[r]);
+      const bool empty = !(sum > 0.f);
+      inv_sum[r] = empty ? 0.f : 1.f / sum;
+      lse[r] = empty ? -INFINITY : row_max[r] * softmax_scale + logf(sum);
+    }
+  }
+};
+
+}  // namespace prefixlm
