@@ -32,7 +32,7 @@ struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 3;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;
@@ -101,6 +101,17 @@ struct FwdKernelParams {
 // Named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads).
 __device__ inline void warpgroup_sync(int consumer_wg) {
   cutlass::arch::NamedBarrier::sync(128, 1 + consumer_wg);
+}
+
+// Ping-pong between the two consumer warpgroups (named barriers 3 and 4): a warpgroup issues
+// its wgmma batch only after the other one has issued its own, so the tensor cores work for
+// one warpgroup while the other runs its softmax. Both warpgroups walk the same key blocks of
+// the same tile, so their turns always pair up.
+__device__ inline void wait_my_turn(int consumer_wg) {
+  cutlass::arch::NamedBarrier::sync(256, 3 + consumer_wg);
+}
+__device__ inline void pass_turn(int consumer_wg) {
+  cutlass::arch::NamedBarrier::arrive(256, 3 + (1 - consumer_wg));
 }
 
 __device__ inline WorkRecord load_record(const WorkRecord* records, int i) {
@@ -272,8 +283,12 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   Tensor acc_o = make_tensor(tOrO.data(), accum_rowcol(tOrO.layout()));     // (rows, D)
   Tensor acc_o_coord = make_tensor(tOcO.data(), accum_rowcol(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(scores))::value;
+  // P in the input precision, laid out as the register A operand of the PV product.
+  Tensor tOrP = make_tensor_like<Element>(tSrS);
+  Tensor tOrP_a = make_tensor(tOrP.data(), accum_as_operand_a(tOrP.layout()));
 
   auto read_state = cutlass::PipelineState<Traits::kStages>();
+  if (consumer_wg == 1) pass_turn(consumer_wg);  // warpgroup 0 takes the first turn
   int q_loads = 0;
   Element* out = static_cast<Element*>(fp.out);
 
@@ -293,12 +308,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     clear(tOrO);
     if (n_blocks > 0) {
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full, q_loads & 1);
-      for (int n = n_blocks - 1; n >= 0; --n) {
+      // Scores of key block n -> probabilities P (fp32, in tSrS) and their 16-bit copy tOrP.
+      // Returns the factor by which O must be rescaled once the pending P V product lands.
+      auto softmax_block = [&](int n, float (&rescale)[kRows]) {
         const int n0 = n * kBlockN;
-        pipeline_k.consumer_wait(read_state);
-        warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
-        pipeline_k.consumer_release(read_state);
-
         if (!mask.block_fully_allowed(m0, n0 + kBlockN)) {
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(scores); ++i) {
@@ -307,29 +320,67 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
             if (!mask.allowed(row, col)) scores(i) = -INFINITY;
           }
         }
-        float rescale[kRows];
         softmax.update(scores, rescale);
+      };
+      auto convert_p = [&] {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
+      };
+      // V of key block n is ready for wgmma. Only the first block visited can run past Lk.
+      auto wait_v = [&](cutlass::PipelineState<Traits::kStages> state, int n) {
+        pipeline_v.consumer_wait(state);
+        if ((n + 1) * kBlockN > mask.len_k) {
+          Tensor sV_stage = sV(_, _, state.index());
+          zero_v_rows<Traits>(sV_stage, mask.len_k - n * kBlockN, thread_in_wg);
+          warpgroup_sync(consumer_wg);
+        }
+      };
+      float rescale[kRows];
+
+      // Software pipeline inside the warpgroup: S of block n and O += P V of block n+1 are
+      // issued together, and the softmax of block n runs while the second product is still
+      // in flight (and while the other warpgroup's turn keeps the tensor cores busy).
+      pipeline_k.consumer_wait(read_state);
+      wait_my_turn(consumer_wg);
+      warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+      pass_turn(consumer_wg);
+      warpgroup_wait<0>();
+      fence_after_wait(tSrQ, tSrS);
+      pipeline_k.consumer_release(read_state);
+      softmax_block(n_blocks - 1, rescale);
+      convert_p();
+      auto v_state = read_state;
+      ++read_state;
+      for (int n = n_blocks - 2; n >= 0; --n) {
+        pipeline_k.consumer_wait(read_state);
+        wait_v(v_state, n + 1);
+        wait_my_turn(consumer_wg);
+        warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, v_state.index()), tOrO);
+        pass_turn(consumer_wg);
+        warpgroup_wait<1>();
+        fence_after_wait(tSrQ, tSrS);
+        pipeline_k.consumer_release(read_state);
+        softmax_block(n, rescale);
+        warpgroup_wait<0>();
+        fence_after_wait(tOrP_a, tOrO);
+        pipeline_v.consumer_release(v_state);
         CUTLASS_PRAGMA_UNROLL
         for (int r = 0; r < kRows; ++r) {
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale[r];
         }
-        // P in the input precision, laid out as the register A operand of the PV product.
-        Tensor tOrP = make_tensor_like<Element>(tSrS);
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
-        Tensor tOrP_a = make_tensor(tOrP.data(), accum_as_operand_a(tOrP.layout()));
-
-        pipeline_v.consumer_wait(read_state);
-        if (n0 + kBlockN > mask.len_k) {
-          Tensor sV_stage = sV(_, _, read_state.index());
-          zero_v_rows<Traits>(sV_stage, mask.len_k - n0, thread_in_wg);
-          warpgroup_sync(consumer_wg);
-        }
-        warpgroup_gemm<false>(mma_pv, tOrP_a, tOrV(_, _, _, read_state.index()), tOrO);
-        pipeline_v.consumer_release(read_state);
+        convert_p();
+        v_state = read_state;
         ++read_state;
       }
+      wait_v(v_state, 0);
+      wait_my_turn(consumer_wg);
+      warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, v_state.index()), tOrO);
+      pass_turn(consumer_wg);
+      warpgroup_wait<0>();
+      fence_after_wait(tOrP_a, tOrO);
+      pipeline_v.consumer_release(v_state);
       ++q_loads;
       cutlass::arch::ClusterBarrier::arrive(&ss.q_empty);
     }

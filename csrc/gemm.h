@@ -7,14 +7,18 @@ namespace prefixlm {
 
 using namespace cute;
 
-// C += A * B over all k-blocks with one wgmma batch; zero_init starts C from zero.
+// A from registers (RS) needs fencing like C; an smem descriptor (SS) does not.
+template <class TA>
+constexpr bool kOperandInRegisters =
+    !is_same_v<typename TA::engine_type::iterator, GMMA::DescriptorIterator>;
+
+// Issues C (+)= A * B over all k-blocks as one wgmma batch and returns without waiting:
+// the caller overlaps other work, then calls warpgroup_wait<N>() and fence_after_wait().
 // A and B are fragments from partition_fragment_A/B (smem descriptors or registers).
-template <bool kZeroInit, int kWaitGroups = 0, class TiledMma, class TA, class TB, class TC>
-__device__ inline void warpgroup_gemm(TiledMma& tiled_mma, TA const& tA, TB const& tB, TC& tC) {
-  // A from registers (RS) needs fencing like C; an smem descriptor (SS) does not.
-  constexpr bool kARegs =
-      !is_same_v<typename TA::engine_type::iterator, GMMA::DescriptorIterator>;
-  if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ inline void warpgroup_gemm_issue(TiledMma& tiled_mma, TA const& tA, TB const& tB,
+                                            TC& tC) {
+  if constexpr (kOperandInRegisters<TA>) warpgroup_fence_operand(const_cast<TA&>(tA));
   warpgroup_fence_operand(tC);
   warpgroup_arrive();
   if constexpr (kZeroInit) tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -24,9 +28,21 @@ __device__ inline void warpgroup_gemm(TiledMma& tiled_mma, TA const& tA, TB cons
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<kWaitGroups>();
+}
+
+// After warpgroup_wait: keeps the compiler from touching C (and a register A) early.
+template <class TA, class TC>
+__device__ inline void fence_after_wait(TA const& tA, TC& tC) {
   warpgroup_fence_operand(tC);
-  if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(tA));
+  if constexpr (kOperandInRegisters<TA>) warpgroup_fence_operand(const_cast<TA&>(tA));
+}
+
+// Issue and wait.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ inline void warpgroup_gemm(TiledMma& tiled_mma, TA const& tA, TB const& tB, TC& tC) {
+  warpgroup_gemm_issue<kZeroInit>(tiled_mma, tA, tB, tC);
+  warpgroup_wait<0>();
+  fence_after_wait(tA, tC);
 }
 
 // View of an SM90 wgmma accumulator ((2, 2, N/8), MMA_M, MMA_N) as (rows, cols):
