@@ -7,7 +7,8 @@
 // (setmaxnreg) so the consumers can hold S, P and O.
 //
 // Work comes from the schedule built by scheduler.cu: (query block, head) tiles, then chunks
-// of padding rows that are written as zeros inside this same launch.
+// of padding rows that are written as zeros inside this same launch. CTAs take the items
+// dynamically (tile_handoff.h), in list order: within a sequence, heaviest causal tiles first.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -21,6 +22,7 @@
 #include "params.h"
 #include "scheduler.h"
 #include "softmax.h"
+#include "tile_handoff.h"
 
 namespace prefixlm {
 
@@ -32,7 +34,9 @@ struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = kHeadDim <= 64 ? 4 : 3;
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
+  static constexpr int kQBuffers = 2;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;
@@ -53,7 +57,8 @@ struct FwdTraits {
 
   // 128-byte swizzled tiles (D is a multiple of 64 elements = 128 bytes).
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(
+      SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));  // (M, D, buffers)
   using SmemLayoutKV = decltype(tile_to_shape(
       SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));  // (N, D, stages)
   // The same V bytes seen as (D, N, stages) for the PV product.
@@ -66,13 +71,14 @@ struct FwdTraits {
   using GmemStride = Stride<int64_t, _1, int64_t>;
   using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
                                           GmemShape{}, GmemStride{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
                                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
                                        take<0, 2>(SmemLayoutKV{}),
                                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 
   using PipelineKV = cutlass::PipelineTmaAsync<kStages>;
+  using Handoff = TileHandoff<2, kConsumerThreads>;
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
 
@@ -82,8 +88,9 @@ struct FwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     typename PipelineKV::SharedStorage pipeline_k;
     typename PipelineKV::SharedStorage pipeline_v;
-    alignas(8) uint64_t q_full;   // TMA of Q landed
-    alignas(8) uint64_t q_empty;  // consumers are done reading Q
+    alignas(8) uint64_t q_full[kQBuffers];   // TMA of Q landed
+    alignas(8) uint64_t q_empty[kQBuffers];  // consumers are done reading Q
+    typename Handoff::SharedStorage handoff;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };
@@ -95,6 +102,7 @@ struct FwdKernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   const void* schedule;  // workspace written by build_schedule
+  int* tile_counter;     // its ScheduleCounts::tile_counter
   float scale_log2;
 };
 
@@ -137,7 +145,8 @@ template <class Traits>
 __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
-                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles) {
+                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles,
+                             int num_tiles) {
   using Element = typename Traits::Element;
   const VarlenProblem& p = params.fp.p;
   const WorkRecord* records = schedule_records(params.schedule);
@@ -155,7 +164,11 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
   auto write_state = cutlass::make_producer_start_state<typename Traits::PipelineKV>();
   int q_loads = 0;
   const int heads_per_kv = p.num_heads / p.num_heads_k;
-  for (int tile = blockIdx.x; tile < num_block_tiles; tile += gridDim.x) {
+  for (int k = 0;; ++k) {
+    const int tile = Traits::Handoff::next(params.tile_counter, k);
+    Traits::Handoff::publish(ss.handoff, k, tile);
+    if (tile >= num_tiles) break;
+    if (tile >= num_block_tiles) continue;  // zero record: consumers only
     const int head = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
@@ -180,11 +193,13 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
     auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                     group_modes<0, 2>(gV));
 
-    if (q_loads > 0) cutlass::arch::ClusterBarrier::wait(&ss.q_empty, (q_loads - 1) & 1);
+    const int q_buf = q_loads % Traits::kQBuffers;
+    const int q_use = q_loads / Traits::kQBuffers;  // earlier uses of this buffer
+    if (q_use > 0) cutlass::arch::ClusterBarrier::wait(&ss.q_empty[q_buf], (q_use - 1) & 1);
     if (leader) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.q_full,
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.q_full[q_buf],
                                                                      Traits::kQBytes);
-      copy(params.tma_q.with(ss.q_full, 0), tQg, tQs);
+      copy(params.tma_q.with(ss.q_full[q_buf], 0), tQg, tQs(_, q_buf));
     }
     ++q_loads;
     // Key blocks last-first: the first one visited is the only one that can be partial.
@@ -269,7 +284,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   typename Traits::TiledMmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(thread);
   auto thr_pv = mma_pv.get_thread_slice(thread);
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors (MMA, MMA_M, MMA_K, buffers)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
   // Accumulators: S (this thread's share of M x N) and O (of M x D), fp32.
@@ -292,7 +307,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   int q_loads = 0;
   Element* out = static_cast<Element*>(fp.out);
 
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int k = 0;; ++k) {
+    const int tile = Traits::Handoff::receive(ss.handoff, k);
+    if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) {
       const WorkRecord rec = load_record(records, zero_offset + (tile - num_block_tiles));
       fwd_zero_rows<Traits>(fp, rec.q_start, rec.k_start, thread);
@@ -307,7 +324,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     OnlineSoftmax<kRows> softmax(params.scale_log2);
     clear(tOrO);
     if (n_blocks > 0) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full, q_loads & 1);
+      const int q_buf = q_loads % Traits::kQBuffers;
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full[q_buf],
+                                                     (q_loads / Traits::kQBuffers) & 1);
+      Tensor tSrQ_buf = tSrQ(_, _, _, q_buf);
       // Scores of key block n -> probabilities P (fp32, in tSrS) and their 16-bit copy tOrP.
       // Returns the factor by which O must be rescaled once the pending P V product lands.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
@@ -342,10 +362,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // in flight (and while the other warpgroup's turn keeps the tensor cores busy).
       pipeline_k.consumer_wait(read_state);
       wait_my_turn(consumer_wg);
-      warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+      warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, read_state.index()), tSrS);
       pass_turn(consumer_wg);
       warpgroup_wait<0>();
-      fence_after_wait(tSrQ, tSrS);
+      fence_after_wait(tSrQ_buf, tSrS);
       pipeline_k.consumer_release(read_state);
       softmax_block(n_blocks - 1, rescale);
       convert_p();
@@ -355,11 +375,11 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         pipeline_k.consumer_wait(read_state);
         wait_v(v_state, n + 1);
         wait_my_turn(consumer_wg);
-        warpgroup_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+        warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, read_state.index()), tSrS);
         warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, v_state.index()), tOrO);
         pass_turn(consumer_wg);
         warpgroup_wait<1>();
-        fence_after_wait(tSrQ, tSrS);
+        fence_after_wait(tSrQ_buf, tSrS);
         pipeline_k.consumer_release(read_state);
         softmax_block(n, rescale);
         warpgroup_wait<0>();
@@ -381,8 +401,8 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       warpgroup_wait<0>();
       fence_after_wait(tOrP_a, tOrO);
       pipeline_v.consumer_release(v_state);
+      cutlass::arch::ClusterBarrier::arrive(&ss.q_empty[q_buf]);
       ++q_loads;
-      cutlass::arch::ClusterBarrier::arrive(&ss.q_empty);
     }
 
     // Epilogue: real rows only; padding rows belong to zero records.
@@ -424,8 +444,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
-    cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full, 1);
-    cutlass::arch::ClusterBarrier::init(&ss.q_empty, Traits::kConsumerThreads);
+    for (int b = 0; b < Traits::kQBuffers; ++b) {
+      cutlass::arch::ClusterTransactionBarrier::init(&ss.q_full[b], 1);
+      cutlass::arch::ClusterBarrier::init(&ss.q_empty[b], Traits::kConsumerThreads);
+    }
+    Traits::Handoff::init(ss.handoff);
   }
 
   typename PipelineKV::Params pipe_params;
@@ -444,7 +467,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0) fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles);
+    if (warp == 0) {
+      fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles, num_tiles);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
     fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles, num_tiles);

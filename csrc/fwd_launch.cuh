@@ -32,7 +32,7 @@ void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream)
   FwdKernelParams<Traits> kp;
   kp.fp = fp;
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, gmem(fp.q, p.total_q, p.num_heads, fp.q_stride),
-                           typename Traits::SmemLayoutQ{},
+                           take<0, 2>(typename Traits::SmemLayoutQ{}),
                            Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{}, _1{});
   kp.tma_k = make_tma_copy(SM90_TMA_LOAD{},
                            gmem(k_ptr, kv_rows, kv_heads, has_keys ? fp.k_stride : fp.q_stride),
@@ -43,6 +43,7 @@ void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream)
                            take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
   kp.schedule = workspace;
+  kp.tile_counter = &static_cast<ScheduleCounts*>(workspace)->tile_counter;
   kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
 
   auto kernel = fwd_kernel<Traits>;

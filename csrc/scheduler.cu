@@ -102,6 +102,7 @@ __global__ void __launch_bounds__(kThreads) build_schedule_kernel(VarlenProblem 
     counts->num_blocks = running.blocks < cap.blocks ? running.blocks : cap.blocks;
     counts->num_zero = zslot < cap.zero ? zslot : cap.zero;
     counts->zero_offset = cap.blocks;
+    counts->tile_counter = 0;
   }
 }
 

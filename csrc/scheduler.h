@@ -1,8 +1,9 @@
 // Tile scheduler for packed varlen batches, with no host synchronisation.
 //
 // A tiny metadata kernel turns (cu_seqlens, seqused, prefix_lens) into a list of work
-// records in a device workspace; the main kernel is a persistent grid (one CTA per SM) that
-// walks the list with a static stride. The list holds, in this order:
+// records in a device workspace; the main kernel is a persistent grid (one CTA per SM) whose
+// CTAs take the items in list order from a counter in the workspace (tile_handoff.h), so
+// uneven tiles balance across SMs. The list holds, in this order:
 //   1. one record per (sequence, row block) of the blocked side (query blocks for the
 //      forward, key blocks for the backward), each repeated for every head by the kernel;
 //   2. one record per chunk of padding rows (rows of a slot past its real length, and the
@@ -40,7 +41,7 @@ struct ScheduleCounts {
   int num_blocks;  // records of kind kRecordBlock, stored first
   int num_zero;    // zero records
   int zero_offset; // index of the first zero record (the block records' capacity)
-  int pad;
+  int tile_counter;  // work items taken so far by persistent CTAs past their first one
 };
 
 struct ScheduleConfig {

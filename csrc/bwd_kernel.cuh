@@ -1,0 +1,596 @@
+// Backward main kernel: warp-specialised, persistent, TMA + wgmma (sm_90a).
+//
+// A tile is (key block of kBlockN = 128 rows, kv head). K and V stay in shared memory while
+// the tile loops over the query heads of the kv head's group and, for each, over the query
+// blocks of kBlockM = 64 rows that can see the key block (MaskInfo::query_begin). Per query
+// block, with warpgroup w owning keys [64w, 64w + 64):
+//   S^T  = K Q^T,  P^T = exp2(S^T * scale_log2 - lse_log2)       (masked entries exactly 0)
+//   dP^T = V dO^T, dS^T = P^T * (dP^T - D)                        (D = rowsum(dO * O))
+//   dV += P^T dO,  dK += dS^T Q                                    (P^T, dS^T from registers)
+//   dQ (+)= dS K   through shared memory, added to an fp32 accumulator in global memory
+// dK and dV (summed over the group's query heads) are written once per tile.
+//
+// CTA = 3 warpgroups: warpgroup 0 is the producer (one warp issues the TMA loads: K and V
+// once per tile, Q and dO per query block through a 2-stage pipeline), warpgroups 1 and 2
+// compute. Work comes from the schedule (scheduler.cu): key-block tiles, then chunks of
+// padding rows of k whose dK and dV are written as zeros inside this launch.
+//
+// NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
+// of K past Lk are zero-filled in shared memory (they are multiplied by exact zeros in the
+// products), and P, dS, LSE and D of such rows are set by select, never by a product.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "bwd_api.h"
+#include "gemm.h"
+#include "mask.h"
+#include "params.h"
+#include "scheduler.h"
+
+namespace prefixlm {
+
+using namespace cute;
+
+template <int kHeadDim_, class Element_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBwdBlockM;  // query rows per inner step
+  static constexpr int kBlockN = kBwdBlockN;  // key rows per tile
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  // D = 128: each warpgroup computes dQ for half of the head dim over all 128 keys.
+  // D = 64: a half of the head dim (32) is too narrow for a 128-byte swizzled MN-major
+  // operand, so each warpgroup computes dQ over its own 64 keys and both add to global.
+  static constexpr bool kDqSplitKeys = kHeadDim <= 64;
+
+  using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;  // warpgroups split the key rows
+  // S^T = K Q^T and dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
+  using TileShapeSdP = Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>;
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, TileShapeSdP>(), AtomLayoutKeys{}));
+  // dV += P^T dO and dK += dS^T Q: (keys, D, queries); A from registers, B = dO^T / Q^T
+  // read from the row-major (queries, D) tiles, i.e. MN-major.
+  using TileShapedKV = Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>;
+  using TiledMmadKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TileShapedKV, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      AtomLayoutKeys{}));
+  // dQ = dS K: (queries, D, keys). A = dS stored queries-contiguous (MN-major), B = K^T
+  // read from the row-major (keys, D) tile (MN-major).
+  static constexpr int kDqN = kDqSplitKeys ? kHeadDim : kHeadDim / 2;  // per warpgroup
+  static constexpr int kDqK = kDqSplitKeys ? kBlockN / 2 : kBlockN;    // per warpgroup
+  using TiledMmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kDqN>, Int<kDqK>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      conditional_t<kDqSplitKeys, Layout<Shape<_1, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
+  static constexpr int kDqThreads = kDqSplitKeys ? 128 : 256;
+
+  using SmemAtomK = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(
+      SmemAtomK{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
+                                         Step<_2, _1, _3>{})));  // (D, M, stages)
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomK{},
+                                             Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (N, D)
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{},
+      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));  // (D, N)
+  // dS, double-buffered: (M, N, 2), queries contiguous.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{},
+                                          Step<_2, _1, _3>{})));  // (N, M, 2)
+
+  // Global tensors as TMA sees them: (rows, D, heads), rows and heads strided.
+  using GmemShape = Shape<int32_t, int32_t, int32_t>;
+  using GmemStride = Stride<int64_t, _1, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                                          GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
+                                      take<0, 2>(SmemLayoutQ{}),
+                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{},
+                                      Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+
+  using PipelineQdO = cutlass::PipelineTmaAsync<kStages>;
+  static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    typename PipelineQdO::SharedStorage pipeline_qdo;
+    alignas(8) uint64_t kv_full;   // TMA of K and V landed
+    alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+template <class Traits>
+struct BwdKernelParams {
+  BwdParams bp;
+  BwdWorkspace ws;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaQ tma_do;
+  typename Traits::TmaK tma_k;
+  typename Traits::TmaK tma_v;
+  float scale_log2;
+};
+
+// Named barrier 1: the two compute warpgroups (0 is __syncthreads).
+__device__ inline void bwd_consumers_sync() { cutlass::arch::NamedBarrier::sync(256, 1); }
+
+__device__ inline WorkRecord bwd_load_record(const WorkRecord* records, int i) {
+  const int4* src = reinterpret_cast<const int4*>(records + i);
+  int4 a = __ldg(src);
+  int4 b = __ldg(src + 1);
+  return WorkRecord{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+
+// Query blocks [m_begin, m_end) that can see key block n; empty when m_begin >= m_end.
+struct QueryRange {
+  int m_begin;
+  int m_end;
+};
+template <class Traits>
+__device__ inline QueryRange bwd_query_range(const WorkRecord& rec, const MaskInfo& mask) {
+  const int n0 = rec.block * Traits::kBlockN;
+  const int first = mask.query_begin(n0, n0 + Traits::kBlockN);
+  if (first >= mask.len_q) return {0, 0};
+  return {first / Traits::kBlockM, (mask.len_q + Traits::kBlockM - 1) / Traits::kBlockM};
+}
+
+__device__ inline int ld_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+__device__ inline void st_release_gpu(int* ptr, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
+}
+
+template <class Traits>
+__device__ void bwd_producer(const BwdKernelParams<Traits>& params,
+                             typename Traits::SharedStorage& ss,
+                             typename Traits::PipelineQdO& pipeline, int num_block_tiles) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const VarlenProblem& p = params.bp.p;
+  const WorkRecord* records = schedule_records(params.ws.schedule);
+  const int num_blocks = schedule_counts(params.ws.schedule)->num_blocks;
+  const bool leader = cute::elect_one_sync();
+  const int group = p.num_heads / p.num_heads_k;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutK{});
+  // (rows, D, heads) coordinate tensors over the whole packed buffers.
+  Tensor mQ = params.tma_q.get_tma_tensor(make_shape(p.total_q, p.head_dim, p.num_heads));
+  Tensor mdO = params.tma_do.get_tma_tensor(make_shape(p.total_q, p.head_dim, p.num_heads));
+  Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
+  Tensor mV = params.tma_v.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
+
+  auto write_state = cutlass::make_producer_start_state<typename Traits::PipelineQdO>();
+  int kv_loads = 0;
+  for (int tile = blockIdx.x; tile < num_block_tiles; tile += gridDim.x) {
+    const int head_k = tile / num_blocks;
+    const WorkRecord rec = bwd_load_record(records, tile - head_k * num_blocks);
+    const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
+    const QueryRange range = bwd_query_range<Traits>(rec, mask);
+    if (range.m_begin >= range.m_end) continue;  // consumers write zeros alone
+
+    // Rows past the end of a buffer are zero-filled by TMA; rows past Lk / Lq inside it are
+    // padding or the next slot, zero-filled in smem by the consumers.
+    Tensor gK = local_tile(domain_offset(make_coord(rec.k_start, _0{}), mK(_, _, head_k)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(rec.block, _0{}));  // (N, D)
+    Tensor gV = local_tile(domain_offset(make_coord(rec.k_start, _0{}), mV(_, _, head_k)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(rec.block, _0{}));  // (N, D)
+    auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                    group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                    group_modes<0, 2>(gV));
+    if (kv_loads > 0) cutlass::arch::ClusterBarrier::wait(&ss.kv_empty, (kv_loads - 1) & 1);
+    if (leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full,
+                                                                     Traits::kKVBytes);
+      copy(params.tma_k.with(ss.kv_full, 0), tKg, tKs);
+      copy(params.tma_v.with(ss.kv_full, 0), tVg, tVs);
+    }
+    ++kv_loads;
+
+    for (int h = head_k * group; h < (head_k + 1) * group; ++h) {
+      Tensor gQ = local_tile(domain_offset(make_coord(rec.q_start, _0{}), mQ(_, _, h)),
+                             Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                             make_coord(_, _0{}));  // (M, D, query blocks)
+      Tensor gdO = local_tile(domain_offset(make_coord(rec.q_start, _0{}), mdO(_, _, h)),
+                              Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                              make_coord(_, _0{}));  // (M, D, query blocks)
+      auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{},
+                                      group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tdOg, tdOs] = tma_partition(params.tma_do, _0{}, Layout<_1>{},
+                                        group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      for (int m = range.m_begin; m < range.m_end; ++m) {
+        pipeline.producer_acquire(write_state);
+        if (leader) {
+          auto* bar = pipeline.producer_get_barrier(write_state);
+          copy(params.tma_q.with(*bar, 0), tQg(_, m), tQs(_, write_state.index()));
+          copy(params.tma_do.with(*bar, 0), tdOg(_, m), tdOs(_, write_state.index()));
+        }
+        ++write_state;
+      }
+    }
+  }
+}
+
+// Zero-fills rows [first_row, kRows) of a (kRows, D) smem tile, cooperatively over the 256
+// compute threads. The caller fences and synchronises.
+template <int kRows, int kHeadDim, class Tensor2D>
+__device__ inline void bwd_zero_tile_rows(Tensor2D&& tile, int first_row, int thread) {
+  using Element = typename std::remove_reference_t<Tensor2D>::value_type;
+  const int count = (kRows - first_row) * kHeadDim;
+  for (int i = thread; i < count; i += 256) {
+    tile(first_row + i / kHeadDim, i % kHeadDim) = Element(0);
+  }
+}
+
+// Writes zeros to dk and dv for padding rows [row_begin, row_end) of k, every kv head.
+template <class Traits>
+__device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, int thread) {
+  using Element = typename Traits::Element;
+  constexpr int kVec = 16 / sizeof(Element);
+  const VarlenProblem& p = bp.p;
+  const int chunks_per_head = p.head_dim / kVec;
+  const int chunks_per_row = chunks_per_head * p.num_heads_k;
+  const int total = (row_end - row_begin) * chunks_per_row;
+  Element* dk = static_cast<Element*>(bp.dk);
+  Element* dv = static_cast<Element*>(bp.dv);
+  for (int i = thread; i < total; i += Traits::kConsumerThreads) {
+    const int row = row_begin + i / chunks_per_row;
+    const int rem = i % chunks_per_row;
+    const int head = rem / chunks_per_head;
+    const int col = (rem % chunks_per_head) * kVec;
+    *reinterpret_cast<int4*>(dk + row * bp.dk_stride.row + head * bp.dk_stride.head + col) =
+        make_int4(0, 0, 0, 0);
+    *reinterpret_cast<int4*>(dv + row * bp.dv_stride.row + head * bp.dv_stride.head + col) =
+        make_int4(0, 0, 0, 0);
+  }
+}
+
+template <class Traits>
+__device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
+                             typename Traits::SharedStorage& ss,
+                             typename Traits::PipelineQdO& pipeline, int num_block_tiles,
+                             int num_tiles) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const BwdParams& bp = params.bp;
+  const BwdWorkspace& ws = params.ws;
+  const VarlenProblem& p = bp.p;
+  const WorkRecord* records = schedule_records(ws.schedule);
+  const int num_blocks = schedule_counts(ws.schedule)->num_blocks;
+  const int zero_offset = schedule_counts(ws.schedule)->zero_offset;
+  const int thread = threadIdx.x - 128;  // 0 .. 255
+  const int wg = thread / 128;           // this warpgroup owns keys [64 wg, 64 wg + 64)
+  const int thread_in_wg = thread % 128;
+  const int group = p.num_heads / p.num_heads_k;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutK{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutdS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutdSt{});
+
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadKV mma_dkv;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(thread);
+  auto thr_dkv = mma_dkv.get_thread_slice(thread);
+
+  // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage).
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);    // smem descriptors
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);    // (MMA, MMA_N, MMA_K, stages)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stages)
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+  // dS^T as this thread writes it: (MMA, MMA_M, MMA_N, 2 buffers) in smem.
+  Tensor tdSsdS = thr_sdp.partition_C(sdSt);
+
+  // dQ operands. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
+  // Split keys: warpgroup w computes all columns over keys [64 w, 64 w + 64).
+  auto dq_views = [&] {
+    if constexpr (Traits::kDqSplitKeys) {
+      auto thr = mma_dq.get_thread_slice(thread_in_wg);
+      Tensor sdS_w = local_tile(sdS, Shape<Int<kBlockM>, Int<kBlockN / 2>, _2>{},
+                                make_coord(_0{}, wg, _0{}));  // (M, N/2, 2)
+      Tensor sKt_w = local_tile(sKt, Shape<Int<kHeadDim>, Int<kBlockN / 2>>{},
+                                make_coord(_0{}, wg));  // (D, N/2)
+      return make_tuple(thr.partition_fragment_A(sdS_w), thr.partition_fragment_B(sKt_w),
+                        thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})));
+    } else {
+      auto thr = mma_dq.get_thread_slice(thread);
+      return make_tuple(thr.partition_fragment_A(sdS), thr.partition_fragment_B(sKt),
+                        thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})));
+    }
+  }();
+  Tensor tdQrdS = get<0>(dq_views);  // (MMA, MMA_M, MMA_K, 2 buffers) descriptors
+  Tensor tdQrK = get<1>(dq_views);   // (MMA, MMA_N, MMA_K) descriptors
+  Tensor tdQcdQ = get<2>(dq_views);  // coordinates of this thread's dQ accumulator
+  Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  if constexpr (Traits::kDqSplitKeys) {
+    static_assert(decltype(size(tdQrdQ))::value * 128 == kBlockM * kHeadDim);
+  } else {
+    static_assert(decltype(size(tdQrdQ))::value * 256 == kBlockM * kHeadDim);
+  }
+  Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
+  Tensor dq_coord = make_tensor(tdQcdQ.data(), accum_rowcol(tdQcdQ.layout()));
+
+  // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x 64 queries),
+  // dV and dK (64 keys x D), fp32.
+  Tensor tSrS = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
+  Tensor tdPrdP = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
+  Tensor tdVrdV = partition_fragment_C(mma_dkv, select<0, 1>(typename Traits::TileShapedKV{}));
+  Tensor tdKrdK = partition_fragment_C(mma_dkv, select<0, 1>(typename Traits::TileShapedKV{}));
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeSdP{})));
+  Tensor tdKcdK = thr_dkv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapedKV{})));
+  Tensor scores = make_tensor(tSrS.data(), accum_rowcol(tSrS.layout()));    // (keys, queries)
+  Tensor dpt = make_tensor(tdPrdP.data(), accum_rowcol(tdPrdP.layout()));   // (keys, queries)
+  Tensor scores_coord = make_tensor(tScS.data(), accum_rowcol(tScS.layout()));
+  constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
+  // P^T and dS^T in the input precision, laid out as register A operands.
+  Tensor tPrP = make_tensor_like<Element>(tSrS);
+  Tensor tPrP_a = make_tensor(tPrP.data(), accum_as_operand_a(tPrP.layout()));
+  Tensor tdSrdS = make_tensor_like<Element>(tdPrdP);
+  Tensor tdSrdS_a = make_tensor(tdSrdS.data(), accum_as_operand_a(tdSrdS.layout()));
+
+  auto read_state = cutlass::PipelineState<Traits::kStages>();
+  int kv_loads = 0;
+  int ds_buffer = 0;
+  float* dq_accum = ws.dq_accum;
+
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    if (tile >= num_block_tiles) {
+      const WorkRecord rec = bwd_load_record(records, zero_offset + (tile - num_block_tiles));
+      bwd_zero_rows<Traits>(bp, rec.q_start, rec.k_start, thread);
+      continue;
+    }
+    const int head_k = tile / num_blocks;
+    const WorkRecord rec = bwd_load_record(records, tile - head_k * num_blocks);
+    const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
+    const QueryRange range = bwd_query_range<Traits>(rec, mask);
+    const int n0 = rec.block * kBlockN;
+
+    clear(tdVrdV);
+    clear(tdKrdK);
+    if (range.m_begin < range.m_end) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.kv_full, kv_loads & 1);
+      if (n0 + kBlockN > mask.len_k) {
+        // Keys past Lk: their dS columns are exactly 0, but dQ = dS K multiplies them.
+        bwd_zero_tile_rows<kBlockN, kHeadDim>(sK, mask.len_k - n0, thread);
+        cutlass::arch::fence_view_async_shared();
+        bwd_consumers_sync();
+      }
+      for (int h = head_k * group; h < (head_k + 1) * group; ++h) {
+        const float* lse_h = ws.lse_log2 + static_cast<int64_t>(h) * p.total_q + rec.q_start;
+        const float* dpsum_h = ws.dpsum + static_cast<int64_t>(h) * p.total_q + rec.q_start;
+        for (int m = range.m_begin; m < range.m_end; ++m) {
+          const int m0 = m * kBlockM;
+          const int stage = read_state.index();
+          // Per query column of this thread: LSE (log2) and D; 0 past Lq (never read).
+          float lse_col[kCols];
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            const int i = m0 + get<1>(scores_coord(0, c));
+            lse_col[c] = i < mask.len_q ? lse_h[i] : 0.f;
+          }
+          pipeline.consumer_wait(read_state);
+          if (m0 + kBlockM > mask.len_q) {
+            // Queries past Lq: P and dS rows are exactly 0, but dV = P^T dO and
+            // dK = dS^T Q multiply their dO and Q rows.
+            bwd_zero_tile_rows<kBlockM, kHeadDim>(sQ(_, _, stage), mask.len_q - m0, thread);
+            bwd_zero_tile_rows<kBlockM, kHeadDim>(sdO(_, _, stage), mask.len_q - m0, thread);
+            cutlass::arch::fence_view_async_shared();
+            bwd_consumers_sync();
+          }
+          warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+          warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+          warpgroup_wait<1>();
+          fence_after_wait(tSrK, tSrS);
+
+          // P^T, exactly 0 (by select) where the mask forbids the pair or the query is past Lq.
+          if (m0 + kBlockM <= mask.len_q && mask.block_fully_allowed(m0, n0 + kBlockN)) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int r = 0; r < size<0>(scores); ++r) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int c = 0; c < kCols; ++c) {
+                scores(r, c) = exp2f(scores(r, c) * params.scale_log2 - lse_col[c]);
+              }
+            }
+          } else {
+            CUTLASS_PRAGMA_UNROLL
+            for (int r = 0; r < size<0>(scores); ++r) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int c = 0; c < kCols; ++c) {
+                const int j = n0 + get<0>(scores_coord(r, c));
+                const int i = m0 + get<1>(scores_coord(r, c));
+                const float pv = exp2f(scores(r, c) * params.scale_log2 - lse_col[c]);
+                scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
+              }
+            }
+          }
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+          warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+
+          float dpsum_col[kCols];
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            const int i = m0 + get<1>(scores_coord(0, c));
+            dpsum_col[c] = i < mask.len_q ? dpsum_h[i] : 0.f;
+          }
+          warpgroup_wait<1>();
+          fence_after_wait(tSrV, tdPrdP);
+          // dS^T = P^T (dP^T - D); P^T == 0 selects 0, so dP^T of keys past Lk (V rows
+          // there are not zero-filled) never enters.
+          CUTLASS_PRAGMA_UNROLL
+          for (int r = 0; r < size<0>(dpt); ++r) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < kCols; ++c) {
+              const float pv = scores(r, c);
+              dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum_col[c]) : 0.f;
+            }
+          }
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+          warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tdSrdS); ++i) tdSsdS(i, _0{}, _0{}, ds_buffer) = tdSrdS(i);
+          cutlass::arch::fence_view_async_shared();
+          bwd_consumers_sync();  // both halves of dS are in smem
+          warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
+          warpgroup_wait<0>();
+          fence_after_wait(tdSrdS_a, tdKrdK);
+          fence_after_wait(tPrP_a, tdVrdV);
+          warpgroup_fence_operand(tdQrdQ);
+          pipeline.consumer_release(read_state);
+          ++read_state;
+          ds_buffer ^= 1;
+
+          // dQ rows < Lq into the fp32 accumulator (unscaled; the postprocess scales).
+          const int64_t row0 = static_cast<int64_t>(rec.q_start) + m0;
+          float* dq_base = dq_accum + (row0 * p.num_heads + h) * kHeadDim;
+          const int64_t row_pitch = static_cast<int64_t>(p.num_heads) * kHeadDim;
+          auto add_dq = [&] {
+            CUTLASS_PRAGMA_UNROLL
+            for (int r = 0; r < size<0>(dq_acc); ++r) {
+              const int row = get<0>(dq_coord(r, 0));
+              if (m0 + row >= mask.len_q) continue;
+              CUTLASS_PRAGMA_UNROLL
+              for (int c = 0; c < size<1>(dq_acc); c += 2) {
+                const int col = get<1>(dq_coord(r, c));
+                atomicAdd(reinterpret_cast<float2*>(dq_base + row * row_pitch + col),
+                          make_float2(dq_acc(r, c), dq_acc(r, c + 1)));
+              }
+            }
+          };
+          if (!bp.deterministic) {
+            add_dq();
+          } else {
+            // Key block n adds after blocks 0 .. n-1 (exactly the blocks that see this query
+            // block, since query_begin grows with the key block); the warpgroups take turns.
+            int* sem = ws.dq_semaphore + static_cast<int64_t>(h) * ws.semaphores_per_head +
+                       (rec.q_start + m0) / kBlockM + rec.batch;
+            if (thread == 0) {
+              while (ld_acquire_gpu(sem) != rec.block) {
+              }
+            }
+            bwd_consumers_sync();
+            if (!Traits::kDqSplitKeys || wg == 0) add_dq();
+            if constexpr (Traits::kDqSplitKeys) {
+              __threadfence();
+              bwd_consumers_sync();
+              if (wg == 1) add_dq();
+            }
+            __threadfence();
+            bwd_consumers_sync();
+            if (thread == 0) st_release_gpu(sem, rec.block + 1);
+          }
+        }
+      }
+      ++kv_loads;
+      cutlass::arch::ClusterBarrier::arrive(&ss.kv_empty);
+    }
+
+    // Epilogue: dK (scaled) and dV of key rows < Lk, summed over the group's query heads.
+    Tensor dk_acc = make_tensor(tdKrdK.data(), accum_rowcol(tdKrdK.layout()));  // (keys, D)
+    Tensor dv_acc = make_tensor(tdVrdV.data(), accum_rowcol(tdVrdV.layout()));
+    Tensor dkv_coord = make_tensor(tdKcdK.data(), accum_rowcol(tdKcdK.layout()));
+    const int64_t key0 = static_cast<int64_t>(rec.k_start) + n0;
+    Element* dk_tile = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row +
+                       head_k * bp.dk_stride.head;
+    Element* dv_tile = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row +
+                       head_k * bp.dv_stride.head;
+    using Pair = cutlass::Array<Element, 2>;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < size<0>(dk_acc); ++r) {
+      const int row = get<0>(dkv_coord(r, 0));
+      if (n0 + row >= mask.len_k) continue;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(dk_acc); c += 2) {
+        const int col = get<1>(dkv_coord(r, c));
+        Pair k2, v2;
+        k2[0] = Element(dk_acc(r, c) * p.softmax_scale);
+        k2[1] = Element(dk_acc(r, c + 1) * p.softmax_scale);
+        v2[0] = Element(dv_acc(r, c));
+        v2[1] = Element(dv_acc(r, c + 1));
+        *reinterpret_cast<Pair*>(dk_tile + row * bp.dk_stride.row + col) = k2;
+        *reinterpret_cast<Pair*>(dv_tile + row * bp.dv_stride.row + col) = v2;
+      }
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
+  using SharedStorage = typename Traits::SharedStorage;
+  using PipelineQdO = typename Traits::PipelineQdO;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+
+  const int warp = cutlass::canonical_warp_idx_sync();
+  const int warpgroup = cutlass::canonical_warp_group_idx();
+  if (warp == 0 && cute::elect_one_sync()) {
+    cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_do.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
+    cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
+    cutlass::arch::ClusterBarrier::init(&ss.kv_empty, Traits::kConsumerThreads);
+  }
+
+  typename PipelineQdO::Params pipe_params;
+  pipe_params.transaction_bytes = Traits::kQdOBytes;
+  pipe_params.role = warpgroup == 0 ? PipelineQdO::ThreadCategory::Producer
+                                    : PipelineQdO::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kConsumerThreads;
+  PipelineQdO pipeline(ss.pipeline_qdo, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barrier initialisation is visible to every warp
+
+  const ScheduleCounts* counts = schedule_counts(params.ws.schedule);
+  const int num_block_tiles = counts->num_blocks * params.bp.p.num_heads_k;
+  const int num_tiles = num_block_tiles + (params.bp.zero_padding ? counts->num_zero : 0);
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    if (warp == 0) bwd_producer<Traits>(params, ss, pipeline, num_block_tiles);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    bwd_consumer<Traits>(params, ss, pipeline, num_block_tiles, num_tiles);
+  }
+}
+
+}  // namespace prefixlm

@@ -1,0 +1,56 @@
+// Dynamic persistent scheduling. CTAs take work items from a global counter (greedy list
+// scheduling: whoever finishes first takes the next item, so uneven causal tiles balance).
+// The producer warp takes the items and hands each one to the consumer warpgroups through a
+// small shared-memory ring guarded by mbarriers, so every role walks the same sequence.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+
+namespace prefixlm {
+
+template <int kRing, int kConsumerThreads>
+struct TileHandoff {
+  struct SharedStorage {
+    int tile[kRing];
+    alignas(8) uint64_t full[kRing];   // producer wrote tile[slot]
+    alignas(8) uint64_t empty[kRing];  // every consumer thread has read it
+  };
+
+  __device__ static void init(SharedStorage& s) {
+    for (int r = 0; r < kRing; ++r) {
+      cutlass::arch::ClusterBarrier::init(&s.full[r], 1);
+      cutlass::arch::ClusterBarrier::init(&s.empty[r], kConsumerThreads);
+    }
+  }
+
+  // The k-th item of this CTA (first: blockIdx.x), called by the whole producer warp.
+  __device__ static int next(int* counter, int k) {
+    if (k == 0) return blockIdx.x;
+    int item = 0;
+    if (threadIdx.x % 32 == 0) item = atomicAdd(counter, 1) + gridDim.x;
+    return __shfl_sync(0xffffffff, item, 0);
+  }
+
+  // Producer warp: publishes the k-th item.
+  __device__ static void publish(SharedStorage& s, int k, int item) {
+    const int slot = k % kRing;
+    const int use = k / kRing;
+    if (use > 0) cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (use - 1) & 1);
+    if (threadIdx.x % 32 == 0) {
+      s.tile[slot] = item;
+      cutlass::arch::ClusterBarrier::arrive(&s.full[slot]);  // release: orders the store
+    }
+    __syncwarp();
+  }
+
+  // Every consumer thread: the k-th item.
+  __device__ static int receive(SharedStorage& s, int k) {
+    const int slot = k % kRing;
+    cutlass::arch::ClusterBarrier::wait(&s.full[slot], (k / kRing) & 1);
+    const int item = s.tile[slot];
+    cutlass::arch::ClusterBarrier::arrive(&s.empty[slot]);
+    return item;
+  }
+};
+
+}  // namespace prefixlm
