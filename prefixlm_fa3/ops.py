@@ -1,0 +1,182 @@
+"""The two public ops, ``torch.ops.prefixlm.varlen_fwd`` / ``varlen_bwd`` (SPEC.md, "Ops and
+Python API"): schemas, fake kernels, the CPU kernels (the reference), the CUDA kernels (thin
+calls into the compiled extension) and autograd.
+
+Neither op synchronises with the host: nothing here reads device data (the opt-in metadata
+validation excepted), so both are CUDA-graph capturable and opaque to torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._library import cuda_kernels_available, load_error
+from .reference import reference_bwd, reference_fwd
+from .validation import (check_bwd_inputs, check_fwd_inputs, metadata_validation_requested,
+                         validate_metadata)
+
+FWD_SCHEMA = (
+    "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor? seqused_q, Tensor? seqused_k, Tensor? prefix_lens, int max_seqlen_q, "
+    "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor softmax_lse)"
+)
+BWD_SCHEMA = (
+    "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
+    "Tensor? prefix_lens, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "
+    "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)"
+)
+
+_lib = torch.library.Library("prefixlm", "DEF")
+_lib.define(FWD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_lib.define(BWD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like t: the kernels write every row of it."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+
+
+def _require_cuda_kernel(op_name: str) -> None:
+    if cuda_kernels_available(op_name):
+        return
+    reason = load_error()
+    detail = (f"the CUDA extension did not load: {reason}" if reason else
+              f"the loaded CUDA extension has no torch.ops.prefixlm_C.{op_name}; rebuild it")
+    raise NotImplementedError(
+        f"prefixlm_fa3: no CUDA kernel for prefixlm::varlen_{op_name} ({detail})")
+
+
+# ---- forward ---------------------------------------------------------------------------
+
+
+@torch.library.register_fake("prefixlm::varlen_fwd", lib=_lib)
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, check_alignment=False)
+    return _like(q), _lse_buffer(q)
+
+
+def _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    if metadata_validation_requested():
+        validate_metadata(q, k, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                          max_seqlen_q, max_seqlen_k)
+
+
+@torch.library.register_kernel("prefixlm::varlen_fwd", "cpu", lib=_lib)
+def _varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                    max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    return reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                         prefix_lens, softmax_scale, causal)
+
+
+@torch.library.register_kernel("prefixlm::varlen_fwd", "cuda", lib=_lib)
+def _varlen_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    _require_cuda_kernel("fwd")
+    out, lse = _like(q), _lse_buffer(q)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        # zero_padding=True: padding and tail rows of out / lse are written (0 / -inf) inside
+        # the kernel; only the benchmark turns it off, to measure its cost.
+        torch.ops.prefixlm_C.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                                 prefix_lens, out, lse, softmax_scale, causal, True, stream)
+    return out, lse
+
+
+# ---- backward --------------------------------------------------------------------------
+
+
+@torch.library.register_fake("prefixlm::varlen_bwd", lib=_lib)
+def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     deterministic):
+    check_bwd_inputs(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     check_alignment=False)
+    return _like(q), _like(k), _like(v)
+
+
+def _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    check_bwd_inputs(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    if metadata_validation_requested():
+        validate_metadata(q, k, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                          max_seqlen_q, max_seqlen_k)
+
+
+@torch.library.register_kernel("prefixlm::varlen_bwd", "cpu", lib=_lib)
+def _varlen_bwd_cpu(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                    seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                    deterministic):
+    _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    # The reference recomputes the forward from q, k, v (out and softmax_lse are not needed)
+    # and is deterministic whatever `deterministic` says.
+    return reference_bwd(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                         prefix_lens, softmax_scale, causal)
+
+
+@torch.library.register_kernel("prefixlm::varlen_bwd", "cuda", lib=_lib)
+def _varlen_bwd_cuda(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     deterministic):
+    _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    _require_cuda_kernel("bwd")
+    dq, dk, dv = _like(q), _like(k), _like(v)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        torch.ops.prefixlm_C.bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                                 seqused_q, seqused_k, prefix_lens, dq, dk, dv, softmax_scale,
+                                 causal, deterministic, True, stream)
+    return dq, dk, dv
+
+
+# ---- autograd --------------------------------------------------------------------------
+
+
+def save_for_backward(ctx, inputs, output) -> None:
+    """Keep what varlen_bwd needs; shared by the op's autograd and the public function's."""
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, max_seqlen_q,
+     max_seqlen_k, softmax_scale, causal) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                          prefix_lens)
+    ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+
+
+def backward(ctx, dout, deterministic: bool):
+    """(dq, dk, dv) for the upstream gradient of out; softmax_lse receives no gradient."""
+    (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+     prefix_lens) = ctx.saved_tensors
+    # Upstream gradients may be expanded or transposed views (e.g. from out.sum()); the
+    # kernel needs the layout of q. contiguous() is free when it already has it.
+    return torch.ops.prefixlm.varlen_bwd(
+        dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+        prefix_lens, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal,
+        deterministic)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    dq, dk, dv = backward(ctx, dout, torch.are_deterministic_algorithms_enabled())
+    # Metadata tensors and the int / float / bool arguments have no gradient.
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("prefixlm::varlen_fwd", _fwd_backward,
+                                setup_context=save_for_backward, lib=_lib)

@@ -1,0 +1,146 @@
+"""The CUDA forward against the reference run on the GPU in float32 (SPEC.md's precision rule),
+and everything the forward promises to write: exact zeros / -inf in padding and tail rows,
+independence from padding contents, no unwritten rows, determinism, graph capture."""
+
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from conftest import (assert_precision, fill_cuda_allocator_with_nan,  # noqa: E402
+                      mixed_batch, packed_batch, poison_padding)
+from prefixlm_fa3 import (cuda_kernels_available, flash_attn_varlen_func,  # noqa: E402
+                          flash_attn_varlen_prefixlm)
+from prefixlm_fa3.reference import reference_fwd  # noqa: E402
+
+if not cuda_kernels_available("fwd"):
+    pytest.skip("the CUDA forward kernel is not built", allow_module_level=True)
+
+DEVICE = "cuda"
+MODES = ("full", "causal", "prefixlm")
+
+
+def fwd(b, q=None, k=None, v=None):
+    return torch.ops.prefixlm.varlen_fwd(b.q if q is None else q, b.k if k is None else k,
+                                         b.v if v is None else v,
+                                         *b.op_args(b.q.shape[-1] ** -0.5))
+
+
+def check_against_reference(b, out, lse, max_chunk_elems=1 << 26):
+    """Reference on upcast inputs (float32 result) vs the same in the input precision."""
+    ref_out, ref_lse = reference_fwd(b.q.float(), b.k.float(), b.v.float(), *b.meta, None,
+                                     b.causal, max_chunk_elems=max_chunk_elems)
+    lp_out, lp_lse = reference_fwd(b.q, b.k, b.v, *b.meta, None, b.causal,
+                                   compute_dtype=b.q.dtype, max_chunk_elems=max_chunk_elems)
+    assert_precision("out", out, ref_out, lp_out)
+    assert_precision("lse", lse, ref_lse, lp_lse, dtype=b.q.dtype)
+
+
+def check_forward(b, max_chunk_elems=1 << 26):
+    """The whole battery for one batch."""
+    real_q, real_k = b.real_masks()
+    # Uninitialised memory is NaN: any row the kernel forgets to write fails below.
+    fill_cuda_allocator_with_nan()
+    out, lse = fwd(b)
+    assert out.shape == b.q.shape and lse.shape == (b.q.shape[1], b.q.shape[0])
+    check_against_reference(b, out, lse, max_chunk_elems)
+    assert torch.equal(out[~real_q], torch.zeros_like(out[~real_q])), "padding rows of out"
+    assert bool(torch.isneginf(lse[:, ~real_q]).all()), "padding rows of lse"
+    fill_cuda_allocator_with_nan()
+    out2, lse2 = fwd(b)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "not deterministic"
+    # NaN / Inf in every padding and tail row of q, k, v: real rows unchanged, bit for bit
+    # (and padding rows still zero, since out3 == out).
+    out3, lse3 = fwd(b, poison_padding(b.q, real_q), poison_padding(b.k, real_k),
+                     poison_padding(b.v, real_k))
+    assert torch.equal(out, out3) and torch.equal(lse, lse3), "padding contents leaked"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("heads,heads_k,cross", [(4, 4, False), (4, 1, True)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (64, torch.float16),
+                                            (128, torch.bfloat16), (128, torch.float16)])
+def test_forward_mixed_batch(mode, heads, heads_k, cross, head_dim, dtype):
+    seed = MODES.index(mode) * 1000 + head_dim + heads_k
+    b = mixed_batch(seed, mode, cross=cross, heads=heads, heads_k=heads_k, head_dim=head_dim,
+                    dtype=dtype, device=DEVICE)
+    check_forward(b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_between_sequences_issue_example(causal):
+    """[q1 q1 PAD q2 q2 q2 PAD q3 PAD], cu_seqlens [0, 3, 7, 9], seqused [2, 3, 1]."""
+    b = packed_batch([2, 3, 1], pad_q=[1, 1, 1], causal=causal, heads=2, head_dim=128,
+                     device=DEVICE)
+    assert b.cu_seqlens_q.tolist() == [0, 3, 7, 9] and b.seqused_q.tolist() == [2, 3, 1]
+    real_q, _ = b.real_masks()
+    assert (~real_q).nonzero().flatten().tolist() == [2, 6, 8]
+    check_forward(b)
+
+
+def test_thousand_short_sequences():
+    rng = random.Random(3)
+    lens = [rng.choice((0, 1, 2, 7, 16, 31, 65)) for _ in range(1000)]
+    b = packed_batch(lens, pad_q=[rng.choice((0, 0, 1, 9)) for _ in lens], tail_q=11,
+                     prefix=[rng.randint(0, n + 2) for n in lens], heads=2, heads_k=1,
+                     head_dim=64, device=DEVICE)
+    check_forward(b)
+
+
+def test_single_32k_sequence():
+    b = packed_batch([32768], prefix=[12345], heads=2, heads_k=1, head_dim=128, device=DEVICE)
+    fill_cuda_allocator_with_nan()
+    out, lse = fwd(b)
+    # Chunked over query rows so the reference's score matrices stay near 128 MiB.
+    check_against_reference(b, out, lse, max_chunk_elems=1 << 25)
+
+
+def _inputs_for_public_functions():
+    b = mixed_batch(17, "prefixlm", lengths=(0, 1, 113, 239, 1023), heads=4, heads_k=2,
+                    head_dim=128, device=DEVICE)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    # HRM-Text layout over the same buffer: 3 sequences, arrays padded to 6 with zeros.
+    hrm = (i32([100, 7, 0, 0, 0, 0]), i32([13, 0, 1, 0, 0, 0]), i32([0, 113, 120, 121, 0, 0]))
+    return b, hrm
+
+
+def _both_public_functions(b, hrm):
+    def run(q, k, v):
+        a = flash_attn_varlen_func(q, k, v, b.cu_seqlens_q, b.cu_seqlens_k, b.max_seqlen_q,
+                                   b.max_seqlen_k, b.seqused_q, b.seqused_k, b.prefix_lens,
+                                   causal=True)
+        one = torch.ones((), dtype=torch.int32)
+        c = flash_attn_varlen_prefixlm(q, q, q, False, *hrm, one, one, one, one, one)
+        return a, c
+    return run
+
+
+def test_cuda_graph_capture_and_replay():
+    b, hrm = _inputs_for_public_functions()
+    run = _both_public_functions(b, hrm)
+    static_q = b.q.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(static_q, b.k, b.v)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(static_q, b.k, b.v)
+    new_q = torch.randn_like(b.q)
+    static_q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, run(new_q, b.k, b.v)):
+        assert torch.equal(got, want)
+
+
+def test_torch_compile_fullgraph():
+    b, hrm = _inputs_for_public_functions()
+    run = _both_public_functions(b, hrm)
+    compiled = torch.compile(run, fullgraph=True)
+    for got, want in zip(compiled(b.q, b.k, b.v), run(b.q, b.k, b.v)):
+        assert torch.equal(got, want)
