@@ -15,6 +15,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include "bwd_api.h"
 #include "cuda_check.h"
 #include "fwd_api.h"
 #include "params.h"
@@ -145,6 +146,62 @@ void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
   prefixlm::run_fwd(fp, workspace.data_ptr(), reinterpret_cast<cudaStream_t>(stream));
 }
 
+void check_like(const Tensor& t, const Tensor& like, const char* name, int device) {
+  check_cuda(t, name, device);
+  STD_TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.dim() == 3 &&
+                      t.size(0) == like.size(0),
+                  "prefixlm_C: ", name, " must have the dtype and rows of its input");
+  check_rows_heads_dim(t, name, like.size(1), like.size(2));
+}
+
+void bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse,
+         Tensor cu_seqlens_q, Tensor cu_seqlens_k, std::optional<Tensor> seqused_q,
+         std::optional<Tensor> seqused_k, std::optional<Tensor> prefix_lens, Tensor dq,
+         Tensor dk, Tensor dv, double softmax_scale, bool causal, bool deterministic,
+         bool zero_padding, int64_t stream) {
+  prefixlm::VarlenProblem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                                           seqused_k, prefix_lens, softmax_scale, causal);
+  const int device = q.get_device_index();
+  check_like(out, q, "out", device);
+  check_like(dout, q, "dout", device);
+  check_like(dq, q, "dq", device);
+  check_like(dk, k, "dk", device);
+  check_like(dv, k, "dv", device);
+  check_cuda(softmax_lse, "softmax_lse", device);
+  STD_TORCH_CHECK(softmax_lse.scalar_type() == ScalarType::Float && softmax_lse.dim() == 2 &&
+                      softmax_lse.size(0) == p.num_heads && softmax_lse.size(1) == p.total_q &&
+                      softmax_lse.stride(1) == 1 && softmax_lse.stride(0) == p.total_q,
+                  "prefixlm_C: softmax_lse must be a contiguous float32 (H, total_q) tensor");
+
+  prefixlm::BwdParams bp{};
+  bp.p = p;
+  bp.q = q.data_ptr();
+  bp.k = k.data_ptr();
+  bp.v = v.data_ptr();
+  bp.out = out.data_ptr();
+  bp.dout = dout.data_ptr();
+  bp.softmax_lse = static_cast<const float*>(softmax_lse.data_ptr());
+  bp.dq = dq.data_ptr();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  bp.q_stride = strides_of(q);
+  bp.k_stride = strides_of(k);
+  bp.v_stride = strides_of(v);
+  bp.o_stride = strides_of(out);
+  bp.do_stride = strides_of(dout);
+  bp.dq_stride = strides_of(dq);
+  bp.dk_stride = strides_of(dk);
+  bp.dv_stride = strides_of(dv);
+  bp.deterministic = deterministic;
+  bp.zero_padding = zero_padding;
+  bp.num_sms = num_sms(device);
+
+  PREFIXLM_CUDA_CHECK(cudaSetDevice(device));
+  Tensor workspace = torch::stable::new_empty(
+      q, {(prefixlm::bwd_workspace_bytes(p) + 15) / 16 * 16}, ScalarType::Byte);
+  prefixlm::run_bwd(bp, workspace.data_ptr(), reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(prefixlm_C, m) {
@@ -153,6 +210,14 @@ STABLE_TORCH_LIBRARY(prefixlm_C, m) {
       "Tensor? seqused_q, Tensor? seqused_k, Tensor? prefix_lens, Tensor(a!) out, "
       "Tensor(b!) softmax_lse, float softmax_scale, bool causal, bool zero_padding, "
       "int stream) -> ()");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
+      "Tensor? prefix_lens, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float softmax_scale, "
+      "bool causal, bool deterministic, bool zero_padding, int stream) -> ()");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(prefixlm_C, CUDA, m) { m.impl("fwd", TORCH_BOX(&fwd)); }
+STABLE_TORCH_LIBRARY_IMPL(prefixlm_C, CUDA, m) {
+  m.impl("fwd", TORCH_BOX(&fwd));
+  m.impl("bwd", TORCH_BOX(&bwd));
+}

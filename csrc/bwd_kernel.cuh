@@ -11,8 +11,8 @@
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 is the producer (one warp issues the TMA loads: K and V
-// once per tile, Q and dO per query block through a 2-stage pipeline), warpgroups 1 and 2
-// compute. Work comes from the schedule (scheduler.cu): key-block tiles, then chunks of
+// once per tile, Q and dO per query block through a 2-stage pipeline, and stages that block's
+// LSE and D in shared memory), warpgroups 1 and 2 compute. Work comes from the schedule (scheduler.cu): key-block tiles, then chunks of
 // padding rows of k whose dK and dV are written as zeros inside this launch.
 //
 // NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
@@ -101,7 +101,6 @@ struct BwdTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{},
                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 
-  using PipelineQdO = cutlass::PipelineTmaAsync<kStages>;
   static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
 
@@ -111,7 +110,11 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    typename PipelineQdO::SharedStorage pipeline_qdo;
+    // Per stage: LSE (log2) and D of the query block's rows, 0 for rows past Lq.
+    float lse[kStages][kBlockM];
+    float dpsum[kStages][kBlockM];
+    alignas(8) uint64_t qdo_full[kStages];   // Q and dO landed (TMA), LSE and D stored
+    alignas(8) uint64_t qdo_empty[kStages];  // consumers are done with the stage
     alignas(8) uint64_t kv_full;   // TMA of K and V landed
     alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
   };
@@ -152,6 +155,19 @@ __device__ inline QueryRange bwd_query_range(const WorkRecord& rec, const MaskIn
   return {first / Traits::kBlockM, (mask.len_q + Traits::kBlockM - 1) / Traits::kBlockM};
 }
 
+// The same pointer, opaque to the compiler: values derived from it are recomputed where used
+// instead of being hoisted out of the loop.
+template <class T>
+__device__ inline T* opaque_pointer(T* ptr) {
+  asm volatile("" : "+l"(ptr));
+  return ptr;
+}
+
+// Fire-and-forget fp32 pair add to global memory (8-byte aligned address).
+__device__ inline void red_add_f32x2(float* ptr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(ptr), "f"(a), "f"(b) : "memory");
+}
+
 __device__ inline int ld_acquire_gpu(const int* ptr) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
@@ -163,15 +179,15 @@ __device__ inline void st_release_gpu(int* ptr, int v) {
 
 template <class Traits>
 __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
-                             typename Traits::SharedStorage& ss,
-                             typename Traits::PipelineQdO& pipeline, int num_block_tiles) {
+                             typename Traits::SharedStorage& ss, int num_block_tiles) {
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   const VarlenProblem& p = params.bp.p;
   const WorkRecord* records = schedule_records(params.ws.schedule);
   const int num_blocks = schedule_counts(params.ws.schedule)->num_blocks;
-  const bool leader = cute::elect_one_sync();
+  const int lane = threadIdx.x % 32;
+  const bool leader = lane == 0;
   const int group = p.num_heads / p.num_heads_k;
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
@@ -184,7 +200,8 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   Tensor mK = params.tma_k.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
   Tensor mV = params.tma_v.get_tma_tensor(make_shape(p.total_k, p.head_dim, p.num_heads_k));
 
-  auto write_state = cutlass::make_producer_start_state<typename Traits::PipelineQdO>();
+  int stage = 0;
+  uint32_t empty_phase = 1;  // the first pass over the stages does not wait
   int kv_loads = 0;
   for (int tile = blockIdx.x; tile < num_block_tiles; tile += gridDim.x) {
     const int head_k = tile / num_blocks;
@@ -225,14 +242,30 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
                                       group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOg, tdOs] = tma_partition(params.tma_do, _0{}, Layout<_1>{},
                                         group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      const float* lse_h = params.ws.lse_log2 + static_cast<int64_t>(h) * p.total_q + rec.q_start;
+      const float* dpsum_h = params.ws.dpsum + static_cast<int64_t>(h) * p.total_q + rec.q_start;
       for (int m = range.m_begin; m < range.m_end; ++m) {
-        pipeline.producer_acquire(write_state);
+        cutlass::arch::ClusterBarrier::wait(&ss.qdo_empty[stage], empty_phase);
+        uint64_t* full = &ss.qdo_full[stage];
         if (leader) {
-          auto* bar = pipeline.producer_get_barrier(write_state);
-          copy(params.tma_q.with(*bar, 0), tQg(_, m), tQs(_, write_state.index()));
-          copy(params.tma_do.with(*bar, 0), tdOg(_, m), tdOs(_, write_state.index()));
+          cutlass::arch::ClusterTransactionBarrier::expect_transaction(full, Traits::kQdOBytes);
+          copy(params.tma_q.with(*full, 0), tQg(_, m), tQs(_, stage));
+          copy(params.tma_do.with(*full, 0), tdOg(_, m), tdOs(_, stage));
         }
-        ++write_state;
+        // LSE and D of the block's rows; rows past Lq get 0 (by select, never read).
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = lane; r < kBlockM; r += 32) {
+          const int i = m * kBlockM + r;
+          const bool real = i < rec.len_q;
+          ss.lse[stage][r] = real ? lse_h[i] : 0.f;
+          ss.dpsum[stage][r] = real ? dpsum_h[i] : 0.f;
+        }
+        __syncwarp();
+        if (leader) cutlass::arch::ClusterBarrier::arrive(full);
+        if (++stage == Traits::kStages) {
+          stage = 0;
+          empty_phase ^= 1;
+        }
       }
     }
   }
@@ -274,8 +307,7 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
 
 template <class Traits>
 __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
-                             typename Traits::SharedStorage& ss,
-                             typename Traits::PipelineQdO& pipeline, int num_block_tiles,
+                             typename Traits::SharedStorage& ss, int num_block_tiles,
                              int num_tiles) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -292,15 +324,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   const int thread_in_wg = thread % 128;
   const int group = p.num_heads / p.num_heads_k;
 
+  // Tiles zero-filled with ordinary stores (the products use descriptors made in the loop).
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
-  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutQ{});
-  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutQt{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutK{});
-  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutdS{});
-  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutdSt{});
 
   typename Traits::TiledMmaSdP mma_sdp;
   typename Traits::TiledMmadKV mma_dkv;
@@ -308,36 +335,16 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   auto thr_sdp = mma_sdp.get_thread_slice(thread);
   auto thr_dkv = mma_dkv.get_thread_slice(thread);
 
-  // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage).
-  Tensor tSrK = thr_sdp.partition_fragment_A(sK);    // smem descriptors
-  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
-  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);    // (MMA, MMA_N, MMA_K, stages)
-  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
-  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stages)
-  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-  // dS^T as this thread writes it: (MMA, MMA_M, MMA_N, 2 buffers) in smem.
-  Tensor tdSsdS = thr_sdp.partition_C(sdSt);
+  // dS^T goes to smem with stmatrix: in the (keys, queries) view the queries are contiguous,
+  // i.e. the accumulator's rows are stored row-major (the non-transposed stmatrix).
+  auto copy_ds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+  auto thr_copy_ds = copy_ds.get_thread_slice(thread);
 
-  // dQ operands. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
+  // dQ. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
   // Split keys: warpgroup w computes all columns over keys [64 w, 64 w + 64).
-  auto dq_views = [&] {
-    if constexpr (Traits::kDqSplitKeys) {
-      auto thr = mma_dq.get_thread_slice(thread_in_wg);
-      Tensor sdS_w = local_tile(sdS, Shape<Int<kBlockM>, Int<kBlockN / 2>, _2>{},
-                                make_coord(_0{}, wg, _0{}));  // (M, N/2, 2)
-      Tensor sKt_w = local_tile(sKt, Shape<Int<kHeadDim>, Int<kBlockN / 2>>{},
-                                make_coord(_0{}, wg));  // (D, N/2)
-      return make_tuple(thr.partition_fragment_A(sdS_w), thr.partition_fragment_B(sKt_w),
-                        thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})));
-    } else {
-      auto thr = mma_dq.get_thread_slice(thread);
-      return make_tuple(thr.partition_fragment_A(sdS), thr.partition_fragment_B(sKt),
-                        thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})));
-    }
-  }();
-  Tensor tdQrdS = get<0>(dq_views);  // (MMA, MMA_M, MMA_K, 2 buffers) descriptors
-  Tensor tdQrK = get<1>(dq_views);   // (MMA, MMA_N, MMA_K) descriptors
-  Tensor tdQcdQ = get<2>(dq_views);  // coordinates of this thread's dQ accumulator
+  auto thr_dq = mma_dq.get_thread_slice(Traits::kDqSplitKeys ? thread_in_wg : thread);
+  // Coordinates of this thread's dQ accumulator in the (M, D) block.
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   if constexpr (Traits::kDqSplitKeys) {
     static_assert(decltype(size(tdQrdQ))::value * 128 == kBlockM * kHeadDim);
@@ -364,8 +371,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   Tensor tPrP_a = make_tensor(tPrP.data(), accum_as_operand_a(tPrP.layout()));
   Tensor tdSrdS = make_tensor_like<Element>(tdPrdP);
   Tensor tdSrdS_a = make_tensor(tdSrdS.data(), accum_as_operand_a(tdSrdS.layout()));
+  Tensor tdSrdS_copy = thr_copy_ds.retile_S(tdSrdS);  // (CPY, CPY_M, CPY_N)
 
-  auto read_state = cutlass::PipelineState<Traits::kStages>();
+  int stage = 0;
+  uint32_t full_phase = 0;
   int kv_loads = 0;
   int ds_buffer = 0;
   float* dq_accum = ws.dq_accum;
@@ -393,19 +402,47 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
         bwd_consumers_sync();
       }
       for (int h = head_k * group; h < (head_k + 1) * group; ++h) {
-        const float* lse_h = ws.lse_log2 + static_cast<int64_t>(h) * p.total_q + rec.q_start;
-        const float* dpsum_h = ws.dpsum + static_cast<int64_t>(h) * p.total_q + rec.q_start;
         for (int m = range.m_begin; m < range.m_end; ++m) {
           const int m0 = m * kBlockM;
-          const int stage = read_state.index();
-          // Per query column of this thread: LSE (log2) and D; 0 past Lq (never read).
-          float lse_col[kCols];
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
-            const int i = m0 + get<1>(scores_coord(0, c));
-            lse_col[c] = i < mask.len_q ? lse_h[i] : 0.f;
-          }
-          pipeline.consumer_wait(read_state);
+          // wgmma smem descriptors, derived here from an opaque base each iteration: hoisted
+          // out of the loop, the ~50 64-bit descriptors of the five products do not fit in
+          // registers next to the dK and dV accumulators.
+          typename Traits::SharedStorage& so = *opaque_pointer(&ss);
+          const float* lse_s = so.lse[stage];
+          const float* dpsum_s = so.dpsum[stage];
+          Tensor oQ = make_tensor(make_smem_ptr(so.q.data()), typename Traits::SmemLayoutQ{});
+          Tensor oQt = make_tensor(make_smem_ptr(so.q.data()), typename Traits::SmemLayoutQt{});
+          Tensor odO = make_tensor(make_smem_ptr(so.dout.data()), typename Traits::SmemLayoutQ{});
+          Tensor odOt = make_tensor(make_smem_ptr(so.dout.data()), typename Traits::SmemLayoutQt{});
+          Tensor oK = make_tensor(make_smem_ptr(so.k.data()), typename Traits::SmemLayoutK{});
+          Tensor oKt = make_tensor(make_smem_ptr(so.k.data()), typename Traits::SmemLayoutKt{});
+          Tensor oV = make_tensor(make_smem_ptr(so.v.data()), typename Traits::SmemLayoutK{});
+          Tensor odS = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdS{});
+          Tensor odSt = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdSt{});
+          Tensor tdSsdS = thr_copy_ds.partition_D(odSt);  // (CPY, CPY_M, CPY_N, 2 buffers)
+          // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage).
+          Tensor tSrK = thr_sdp.partition_fragment_A(oK);
+          Tensor tSrV = thr_sdp.partition_fragment_A(oV);
+          Tensor tSrQ = thr_sdp.partition_fragment_B(oQ);     // (MMA, MMA_N, MMA_K, stages)
+          Tensor tSrdO = thr_sdp.partition_fragment_B(odO);
+          Tensor tdVrdOt = thr_dkv.partition_fragment_B(odOt);  // (MMA, MMA_N, MMA_K, stages)
+          Tensor tdKrQt = thr_dkv.partition_fragment_B(oQt);
+          auto dq_operands = [&] {
+            if constexpr (Traits::kDqSplitKeys) {
+              Tensor odS_w = local_tile(odS, Shape<Int<kBlockM>, Int<kBlockN / 2>, _2>{},
+                                        make_coord(_0{}, wg, _0{}));  // (M, N/2, 2)
+              Tensor oKt_w = local_tile(oKt, Shape<Int<kHeadDim>, Int<kBlockN / 2>>{},
+                                        make_coord(_0{}, wg));  // (D, N/2)
+              return make_tuple(thr_dq.partition_fragment_A(odS_w),
+                                thr_dq.partition_fragment_B(oKt_w));
+            } else {
+              return make_tuple(thr_dq.partition_fragment_A(odS),
+                                thr_dq.partition_fragment_B(oKt));
+            }
+          }();
+          Tensor tdQrdS = get<0>(dq_operands);  // (MMA, MMA_M, MMA_K, 2 buffers)
+          Tensor tdQrK = get<1>(dq_operands);   // (MMA, MMA_N, MMA_K)
+          cutlass::arch::ClusterTransactionBarrier::wait(&ss.qdo_full[stage], full_phase);
           if (m0 + kBlockM > mask.len_q) {
             // Queries past Lq: P and dS rows are exactly 0, but dV = P^T dO and
             // dK = dS^T Q multiply their dO and Q rows.
@@ -422,20 +459,22 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           // P^T, exactly 0 (by select) where the mask forbids the pair or the query is past Lq.
           if (m0 + kBlockM <= mask.len_q && mask.block_fully_allowed(m0, n0 + kBlockN)) {
             CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < size<0>(scores); ++r) {
+            for (int c = 0; c < kCols; ++c) {
+              const float lse = lse_s[get<1>(scores_coord(0, c))];
               CUTLASS_PRAGMA_UNROLL
-              for (int c = 0; c < kCols; ++c) {
-                scores(r, c) = exp2f(scores(r, c) * params.scale_log2 - lse_col[c]);
+              for (int r = 0; r < size<0>(scores); ++r) {
+                scores(r, c) = exp2f(scores(r, c) * params.scale_log2 - lse);
               }
             }
           } else {
             CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < size<0>(scores); ++r) {
+            for (int c = 0; c < kCols; ++c) {
+              const float lse = lse_s[get<1>(scores_coord(0, c))];
               CUTLASS_PRAGMA_UNROLL
-              for (int c = 0; c < kCols; ++c) {
+              for (int r = 0; r < size<0>(scores); ++r) {
                 const int j = n0 + get<0>(scores_coord(r, c));
                 const int i = m0 + get<1>(scores_coord(r, c));
-                const float pv = exp2f(scores(r, c) * params.scale_log2 - lse_col[c]);
+                const float pv = exp2f(scores(r, c) * params.scale_log2 - lse);
                 scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
               }
             }
@@ -444,29 +483,25 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
           warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
 
-          float dpsum_col[kCols];
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
-            const int i = m0 + get<1>(scores_coord(0, c));
-            dpsum_col[c] = i < mask.len_q ? dpsum_h[i] : 0.f;
-          }
-          warpgroup_wait<1>();
+          // Waiting for dV as well frees the registers of P^T before dS^T needs its own.
+          warpgroup_wait<0>();
           fence_after_wait(tSrV, tdPrdP);
+          fence_after_wait(tPrP_a, tdVrdV);
           // dS^T = P^T (dP^T - D); P^T == 0 selects 0, so dP^T of keys past Lk (V rows
           // there are not zero-filled) never enters.
           CUTLASS_PRAGMA_UNROLL
-          for (int r = 0; r < size<0>(dpt); ++r) {
+          for (int c = 0; c < kCols; ++c) {
+            const float dpsum = dpsum_s[get<1>(scores_coord(0, c))];
             CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kCols; ++c) {
+            for (int r = 0; r < size<0>(dpt); ++r) {
               const float pv = scores(r, c);
-              dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum_col[c]) : 0.f;
+              dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum) : 0.f;
             }
           }
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
           warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(tdSrdS); ++i) tdSsdS(i, _0{}, _0{}, ds_buffer) = tdSrdS(i);
+          copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();
           bwd_consumers_sync();  // both halves of dS are in smem
           warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
@@ -474,8 +509,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           fence_after_wait(tdSrdS_a, tdKrdK);
           fence_after_wait(tPrP_a, tdVrdV);
           warpgroup_fence_operand(tdQrdQ);
-          pipeline.consumer_release(read_state);
-          ++read_state;
+          cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+          if (++stage == Traits::kStages) {
+            stage = 0;
+            full_phase ^= 1;
+          }
           ds_buffer ^= 1;
 
           // dQ rows < Lq into the fp32 accumulator (unscaled; the postprocess scales).
@@ -490,8 +528,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
               CUTLASS_PRAGMA_UNROLL
               for (int c = 0; c < size<1>(dq_acc); c += 2) {
                 const int col = get<1>(dq_coord(r, c));
-                atomicAdd(reinterpret_cast<float2*>(dq_base + row * row_pitch + col),
-                          make_float2(dq_acc(r, c), dq_acc(r, c + 1)));
+                red_add_f32x2(dq_base + row * row_pitch + col, dq_acc(r, c), dq_acc(r, c + 1));
               }
             }
           };
@@ -556,7 +593,6 @@ template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   using SharedStorage = typename Traits::SharedStorage;
-  using PipelineQdO = typename Traits::PipelineQdO;
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
 
@@ -569,15 +605,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
     cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.kv_empty, Traits::kConsumerThreads);
+    for (int s = 0; s < Traits::kStages; ++s) {
+      // One arrival (the producer leader, after LSE and D are stored) plus the TMA bytes.
+      cutlass::arch::ClusterTransactionBarrier::init(&ss.qdo_full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&ss.qdo_empty[s], Traits::kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
   }
-
-  typename PipelineQdO::Params pipe_params;
-  pipe_params.transaction_bytes = Traits::kQdOBytes;
-  pipe_params.role = warpgroup == 0 ? PipelineQdO::ThreadCategory::Producer
-                                    : PipelineQdO::ThreadCategory::Consumer;
-  pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = Traits::kConsumerThreads;
-  PipelineQdO pipeline(ss.pipeline_qdo, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barrier initialisation is visible to every warp
 
   const ScheduleCounts* counts = schedule_counts(params.ws.schedule);
@@ -586,10 +620,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0) bwd_producer<Traits>(params, ss, pipeline, num_block_tiles);
+    if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
-    bwd_consumer<Traits>(params, ss, pipeline, num_block_tiles, num_tiles);
+    bwd_consumer<Traits>(params, ss, num_block_tiles, num_tiles);
   }
 }
 
