@@ -12,8 +12,12 @@
 //
 // CTA = 3 warpgroups: warpgroup 0 is the producer (one warp issues the TMA loads: K and V
 // once per tile, Q and dO per query block through a 2-stage pipeline, and stages that block's
-// LSE and D in shared memory), warpgroups 1 and 2 compute. Work comes from the schedule (scheduler.cu): key-block tiles, then chunks of
-// padding rows of k whose dK and dV are written as zeros inside this launch.
+// LSE and D in shared memory), warpgroups 1 and 2 compute. Work comes from the schedule
+// (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
+// written as zeros inside this launch. CTAs take the items dynamically in list order
+// (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
+// causal mask) first; in deterministic mode the smallest unfinished tile never waits on a
+// later one, so the ordered dQ adds cannot deadlock.
 //
 // NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
 // of K past Lk are zero-filled in shared memory (they are multiplied by exact zeros in the
@@ -31,6 +35,7 @@
 #include "mask.h"
 #include "params.h"
 #include "scheduler.h"
+#include "tile_handoff.h"
 
 namespace prefixlm {
 
@@ -103,6 +108,7 @@ struct BwdTraits {
 
   static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
+  using Handoff = TileHandoff<2, kConsumerThreads>;
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
@@ -117,6 +123,7 @@ struct BwdTraits {
     alignas(8) uint64_t qdo_empty[kStages];  // consumers are done with the stage
     alignas(8) uint64_t kv_full;   // TMA of K and V landed
     alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
+    typename Handoff::SharedStorage handoff;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };
@@ -129,6 +136,7 @@ struct BwdKernelParams {
   typename Traits::TmaQ tma_do;
   typename Traits::TmaK tma_k;
   typename Traits::TmaK tma_v;
+  int* tile_counter;  // the schedule's ScheduleCounts::tile_counter
   float scale_log2;
 };
 
@@ -179,7 +187,8 @@ __device__ inline void st_release_gpu(int* ptr, int v) {
 
 template <class Traits>
 __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
-                             typename Traits::SharedStorage& ss, int num_block_tiles) {
+                             typename Traits::SharedStorage& ss, int num_block_tiles,
+                             int num_tiles) {
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -203,7 +212,11 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   int stage = 0;
   uint32_t empty_phase = 1;  // the first pass over the stages does not wait
   int kv_loads = 0;
-  for (int tile = blockIdx.x; tile < num_block_tiles; tile += gridDim.x) {
+  for (int k = 0;; ++k) {
+    const int tile = Traits::Handoff::next(params.tile_counter, k);
+    Traits::Handoff::publish(ss.handoff, k, tile);
+    if (tile >= num_tiles) break;
+    if (tile >= num_block_tiles) continue;  // zero record: consumers only
     const int head_k = tile / num_blocks;
     const WorkRecord rec = bwd_load_record(records, tile - head_k * num_blocks);
     const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
@@ -379,7 +392,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   int ds_buffer = 0;
   float* dq_accum = ws.dq_accum;
 
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int k = 0;; ++k) {
+    const int tile = Traits::Handoff::receive(ss.handoff, k);
+    if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) {
       const WorkRecord rec = bwd_load_record(records, zero_offset + (tile - num_block_tiles));
       bwd_zero_rows<Traits>(bp, rec.q_start, rec.k_start, thread);
@@ -483,10 +498,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
           warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
 
-          // Waiting for dV as well frees the registers of P^T before dS^T needs its own.
-          warpgroup_wait<0>();
+          warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
           fence_after_wait(tSrV, tdPrdP);
-          fence_after_wait(tPrP_a, tdVrdV);
           // dS^T = P^T (dP^T - D); P^T == 0 selects 0, so dP^T of keys past Lk (V rows
           // there are not zero-filled) never enters.
           CUTLASS_PRAGMA_UNROLL
@@ -610,6 +623,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::ClusterTransactionBarrier::init(&ss.qdo_full[s], 1);
       cutlass::arch::ClusterBarrier::init(&ss.qdo_empty[s], Traits::kConsumerThreads);
     }
+    Traits::Handoff::init(ss.handoff);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();  // barrier initialisation is visible to every warp
@@ -620,7 +634,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles);
+    if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles, num_tiles);
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
     bwd_consumer<Traits>(params, ss, num_block_tiles, num_tiles);

@@ -59,6 +59,7 @@ void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t 
                                  : gmem(bp.q, 1, 1, bp.q_stride),
                            typename Traits::SmemLayoutK{},
                            Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+  kp.tile_counter = &static_cast<ScheduleCounts*>(ws.schedule)->tile_counter;
   kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
 
   if (has_k) {
