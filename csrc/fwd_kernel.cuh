@@ -8,7 +8,8 @@
 //
 // Work comes from the schedule built by scheduler.cu: (query block, head) tiles, then chunks
 // of padding rows that are written as zeros inside this same launch. CTAs take the items
-// dynamically (tile_handoff.h), in list order: within a sequence, heaviest causal tiles first.
+// dynamically (tile_handoff.h): zero chunks first, then the tiles in list order (within a
+// sequence, heaviest causal tiles first).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -145,8 +146,8 @@ template <class Traits>
 __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
-                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles,
-                             int num_tiles) {
+                             typename Traits::PipelineKV& pipeline_v, int num_zero_items,
+                             int num_items) {
   using Element = typename Traits::Element;
   const VarlenProblem& p = params.fp.p;
   const WorkRecord* records = schedule_records(params.schedule);
@@ -165,10 +166,11 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
   int q_loads = 0;
   const int heads_per_kv = p.num_heads / p.num_heads_k;
   for (int k = 0;; ++k) {
-    const int tile = Traits::Handoff::next(params.tile_counter, k);
-    Traits::Handoff::publish(ss.handoff, k, tile);
-    if (tile >= num_tiles) break;
-    if (tile >= num_block_tiles) continue;  // zero record: consumers only
+    const int item = Traits::Handoff::next(params.tile_counter, k);
+    Traits::Handoff::publish(ss.handoff, k, item);
+    if (item >= num_items) break;
+    if (item < num_zero_items) continue;  // zero record: consumers only
+    const int tile = item - num_zero_items;
     const int head = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
@@ -237,7 +239,7 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
   using Element = typename Traits::Element;
   constexpr int kVec = 16 / sizeof(Element);
   const VarlenProblem& p = fp.p;
-  const int chunks_per_head = p.head_dim / kVec;
+  constexpr int chunks_per_head = Traits::kHeadDim / kVec;
   const int chunks_per_row = chunks_per_head * p.num_heads;
   const int total = (row_end - row_begin) * chunks_per_row;
   Element* out = static_cast<Element*>(fp.out);
@@ -261,8 +263,8 @@ template <class Traits>
 __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
-                             typename Traits::PipelineKV& pipeline_v, int num_block_tiles,
-                             int num_tiles) {
+                             typename Traits::PipelineKV& pipeline_v, int num_zero_items,
+                             int num_items) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -308,13 +310,14 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   Element* out = static_cast<Element*>(fp.out);
 
   for (int k = 0;; ++k) {
-    const int tile = Traits::Handoff::receive(ss.handoff, k);
-    if (tile >= num_tiles) break;
-    if (tile >= num_block_tiles) {
-      const WorkRecord rec = load_record(records, zero_offset + (tile - num_block_tiles));
+    const int item = Traits::Handoff::receive(ss.handoff, k);
+    if (item >= num_items) break;
+    if (item < num_zero_items) {
+      const WorkRecord rec = load_record(records, zero_offset + item);
       fwd_zero_rows<Traits>(fp, rec.q_start, rec.k_start, thread);
       continue;
     }
+    const int tile = item - num_zero_items;
     const int head = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const MaskInfo mask = record_mask(rec, p.causal);
@@ -462,17 +465,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   __syncthreads();  // barrier initialisation is visible to every warp
 
   const ScheduleCounts* counts = schedule_counts(params.schedule);
-  const int num_block_tiles = counts->num_blocks * params.fp.p.num_heads;
-  const int num_tiles = num_block_tiles + (params.fp.zero_padding ? counts->num_zero : 0);
+  // Work items: zero records first (short; the dynamic scheduler absorbs them at the start
+  // instead of leaving them on the tail of the launch), then (query block, head) tiles.
+  const int num_zero_items = params.fp.zero_padding ? counts->num_zero : 0;
+  const int num_items = num_zero_items + counts->num_blocks * params.fp.p.num_heads;
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0) {
-      fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles, num_tiles);
+      fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_zero_items, num_items);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
-    fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_block_tiles, num_tiles);
+    fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_zero_items, num_items);
   }
 }
 
