@@ -16,8 +16,9 @@
 // (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
 // written as zeros inside this launch. CTAs take the items dynamically in list order
 // (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
-// causal mask) first; in deterministic mode the smallest unfinished tile never waits on a
-// later one, so the ordered dQ adds cannot deadlock.
+// causal mask) first (deterministic mode: a static stride instead). Either way tiles start
+// in list order, so the smallest unfinished tile never waits on a later one and the ordered
+// dQ adds of deterministic mode cannot deadlock.
 //
 // NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
 // of K past Lk are zero-filled in shared memory (they are multiplied by exact zeros in the
@@ -213,7 +214,10 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   uint32_t empty_phase = 1;  // the first pass over the stages does not wait
   int kv_loads = 0;
   for (int k = 0;; ++k) {
-    const int tile = Traits::Handoff::next(params.tile_counter, k);
+    // Deterministic mode keeps a static stride: with greedy hand-out, neighbouring key blocks
+    // of one sequence start together and then wait on each other's ordered dQ adds.
+    const int tile = params.bp.deterministic ? static_cast<int>(blockIdx.x + k * gridDim.x)
+                                             : Traits::Handoff::next(params.tile_counter, k);
     Traits::Handoff::publish(ss.handoff, k, tile);
     if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) continue;  // zero record: consumers only
