@@ -337,10 +337,12 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         const int n0 = n * kBlockN;
         if (!mask.block_fully_allowed(m0, n0 + kBlockN)) {
           CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(scores); ++i) {
-            const int row = m0 + get<0>(scores_coord(i));
-            const int col = n0 + get<1>(scores_coord(i));
-            if (!mask.allowed(row, col)) scores(i) = -INFINITY;
+          for (int r = 0; r < kRows; ++r) {
+            const int limit = mask.col_limit(m0 + get<0>(scores_coord(r, 0))) - n0;
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(scores); ++c) {
+              scores(r, c) = get<1>(scores_coord(r, c)) < limit ? scores(r, c) : -INFINITY;
+            }
           }
         }
         softmax.update(scores, rescale);

@@ -18,9 +18,16 @@ struct MaskInfo {
 
   __host__ __device__ int diag_offset() const { return len_k - len_q; }
 
-  __host__ __device__ bool allowed(int i, int j) const {
-    return j < len_k && (!causal || j < prefix || j <= i + diag_offset());
+  // Row i may attend exactly the keys j < col_limit(i): "j < P or j <= i + (Lk - Lq)" is
+  // "j < max(P, i + Lk - Lq + 1)". One compare per element, no branches.
+  __host__ __device__ int col_limit(int i) const {
+    if (!causal) return len_k;
+    const int causal_end = i + diag_offset() + 1;
+    const int end = causal_end > prefix ? causal_end : prefix;
+    return end < len_k ? end : len_k;
   }
+
+  __host__ __device__ bool allowed(int i, int j) const { return j < col_limit(i); }
 
   // One past the last key any real row in [row_begin, row_end) may attend; row_end <= Lq.
   __host__ __device__ int key_end(int row_begin, int row_end) const {
