@@ -335,7 +335,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // Returns the factor by which O must be rescaled once the pending P V product lands.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
         const int n0 = n * kBlockN;
-        if (!mask.block_fully_allowed(m0, n0 + kBlockN)) {
+        if (m0 + kBlockM > mask.len_q || !mask.block_fully_allowed(m0, n0 + kBlockN)) {
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < kRows; ++r) {
             const int limit = mask.col_limit(m0 + get<0>(scores_coord(r, 0))) - n0;

@@ -19,8 +19,10 @@ struct MaskInfo {
   __host__ __device__ int diag_offset() const { return len_k - len_q; }
 
   // Row i may attend exactly the keys j < col_limit(i): "j < P or j <= i + (Lk - Lq)" is
-  // "j < max(P, i + Lk - Lq + 1)". One compare per element, no branches.
+  // "j < max(P, i + Lk - Lq + 1)". One compare per element, no branches. Rows at or past Lq
+  // (padding, or the next slot, loaded with a tile) attend nothing.
   __host__ __device__ int col_limit(int i) const {
+    if (i >= len_q) return 0;
     if (!causal) return len_k;
     const int causal_end = i + diag_offset() + 1;
     const int end = causal_end > prefix ? causal_end : prefix;
@@ -39,9 +41,8 @@ struct MaskInfo {
     return end > 0 ? end : 0;
   }
 
-  // True iff every (i, j) with i in [row_begin, Lq) and j in [col_begin, col_end) is allowed,
-  // so the block needs no per-element mask. Rows at or past Lq are never written, so they
-  // do not count.
+  // True iff every (i, j) with i in [row_begin, Lq) and j in [col_begin, col_end) is allowed.
+  // Callers whose tile reaches past Lq also mask, so that those rows attend nothing.
   __host__ __device__ bool block_fully_allowed(int row_begin, int col_end) const {
     if (col_end > len_k) return false;
     if (!causal) return true;
