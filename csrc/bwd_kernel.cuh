@@ -172,6 +172,12 @@ __device__ inline T* opaque_pointer(T* ptr) {
   return ptr;
 }
 
+// The same value, opaque to the compiler (see opaque_pointer).
+__device__ inline int opaque_int(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
 // Fire-and-forget fp32 pair add to global memory (8-byte aligned address).
 __device__ inline void red_add_f32x2(float* ptr, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(ptr), "f"(a), "f"(b) : "memory");
@@ -289,12 +295,14 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
 }
 
 // Zero-fills rows [first_row, kRows) of a (kRows, D) smem tile, cooperatively over the 256
-// compute threads. The caller fences and synchronises.
+// compute threads. The caller fences and synchronises. The thread index is made opaque so
+// that the thread's swizzled smem offsets are derived here, on this rarely taken path: hoisted
+// to the kernel's start, they stayed live through the main loop and were spilled.
 template <int kRows, int kHeadDim, class Tensor2D>
 __device__ inline void bwd_zero_tile_rows(Tensor2D&& tile, int first_row, int thread) {
   using Element = typename std::remove_reference_t<Tensor2D>::value_type;
   const int count = (kRows - first_row) * kHeadDim;
-  for (int i = thread; i < count; i += 256) {
+  for (int i = opaque_int(thread); i < count; i += 256) {
     tile(first_row + i / kHeadDim, i % kHeadDim) = Element(0);
   }
 }
