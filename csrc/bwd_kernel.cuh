@@ -7,12 +7,14 @@
 //   S^T  = K Q^T,  P^T = exp2(S^T * scale_log2 - lse_log2)       (masked entries exactly 0)
 //   dP^T = V dO^T, dS^T = P^T * (dP^T - D)                        (D = rowsum(dO * O))
 //   dV += P^T dO,  dK += dS^T Q                                    (P^T, dS^T from registers)
-//   dQ (+)= dS K   through shared memory, added to an fp32 accumulator in global memory
+//   dQ  = dS K     dS through shared memory; dQ (fp32) to shared memory, from where the
+//                  dQ writer warp adds it to the fp32 accumulator in global memory with bulk
+//                  asynchronous reductions, so the compute warpgroups never wait on them
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
-// CTA = 3 warpgroups: warpgroup 0 is the producer (one warp issues the TMA loads: K and V
-// once per tile, Q and dO per query block through a 2-stage pipeline, and stages that block's
-// LSE and D in shared memory), warpgroups 1 and 2 compute. Work comes from the schedule
+// CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
+// Q and dO per query block through a 2-stage pipeline; it also stages that block's LSE and D
+// in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the schedule
 // (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
 // written as zeros inside this launch. CTAs take the items dynamically in list order
 // (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
@@ -41,6 +43,14 @@
 namespace prefixlm {
 
 using namespace cute;
+
+// One query block's dQ, described by the producer warp for the dQ writer warp.
+struct DqJob {
+  int64_t offset;  // float offset of the block's first row (head h) in the accumulator
+  int rows;        // rows to add: the block's rows below Lq; < 0 ends the writer
+  int semaphore;   // deterministic mode: index into dq_semaphore, else -1
+  int turn;        // deterministic mode: add when the semaphore equals this (the key block)
+};
 
 template <int kHeadDim_, class Element_>
 struct BwdTraits {
@@ -77,6 +87,11 @@ struct BwdTraits {
                            GMMA::Major::MN, GMMA::Major::MN>(),
       conditional_t<kDqSplitKeys, Layout<Shape<_1, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
   static constexpr int kDqThreads = kDqSplitKeys ? 128 : 256;
+  // dQ block in shared memory, fp32 rows of kDqPitch floats: the 16-byte pad puts the 8 rows
+  // an accumulator fragment spans on different banks, and keeps each row 16-byte aligned for
+  // the bulk reduction.
+  static constexpr int kDqPitch = kHeadDim + 4;
+  using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqPitch>, _1>>;
 
   using SmemAtomK = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(
@@ -110,6 +125,10 @@ struct BwdTraits {
   static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
   using Handoff = TileHandoff<2, kConsumerThreads>;
+  // Jobs in flight from the producer to the dQ writer: the producer runs at most kStages
+  // blocks ahead of the compute warpgroups, the writer at most one behind, so this ring
+  // never makes the producer wait.
+  static constexpr int kDqJobs = 4;
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
@@ -117,6 +136,8 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    alignas(128) float dq[kBlockM * kDqPitch];  // (M, D), row pitch kDqPitch
+    DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows, 0 for rows past Lq.
     float lse[kStages][kBlockM];
     float dpsum[kStages][kBlockM];
@@ -124,6 +145,10 @@ struct BwdTraits {
     alignas(8) uint64_t qdo_empty[kStages];  // consumers are done with the stage
     alignas(8) uint64_t kv_full;   // TMA of K and V landed
     alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
+    alignas(8) uint64_t dq_full;   // dq written by the compute threads
+    alignas(8) uint64_t dq_empty;  // the writer has read dq out of shared memory
+    alignas(8) uint64_t job_full[kDqJobs];   // the producer wrote dq_jobs[slot]
+    alignas(8) uint64_t job_empty[kDqJobs];  // the writer has read it
     typename Handoff::SharedStorage handoff;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
@@ -178,9 +203,21 @@ __device__ inline int opaque_int(int v) {
   return v;
 }
 
-// Fire-and-forget fp32 pair add to global memory (8-byte aligned address).
-__device__ inline void red_add_f32x2(float* ptr, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(ptr), "f"(a), "f"(b) : "memory");
+// mbarrier wait that also keeps the compiler from moving memory accesses across it
+// (ClusterBarrier::wait's asm has no memory clobber).
+__device__ inline void wait_barrier(uint64_t* barrier, uint32_t phase) {
+  cutlass::arch::ClusterBarrier::wait(barrier, phase);
+  asm volatile("" ::: "memory");
+}
+
+// Asynchronous elementwise fp32 add of `bytes` (a multiple of 16) from shared to global
+// memory, both 16-byte aligned; completes in this thread's current bulk group.
+__device__ inline void bulk_reduce_add_f32(float* gmem, const float* smem, int bytes) {
+  const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   gmem),
+               "r"(saddr), "r"(bytes)
+               : "memory");
 }
 
 __device__ inline int ld_acquire_gpu(const int* ptr) {
@@ -219,6 +256,20 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   int stage = 0;
   uint32_t empty_phase = 1;  // the first pass over the stages does not wait
   int kv_loads = 0;
+  int jobs = 0;
+  // Hands the dQ writer its next job (ring of kDqJobs, see BwdTraits).
+  auto publish_job = [&](int64_t offset, int rows, int semaphore, int turn) {
+    const int slot = jobs % Traits::kDqJobs;
+    if (jobs >= Traits::kDqJobs) {
+      cutlass::arch::ClusterBarrier::wait(&ss.job_empty[slot], (jobs / Traits::kDqJobs - 1) & 1);
+    }
+    if (leader) {
+      ss.dq_jobs[slot] = DqJob{offset, rows, semaphore, turn};
+      cutlass::arch::ClusterBarrier::arrive(&ss.job_full[slot]);  // release: orders the store
+    }
+    __syncwarp();
+    ++jobs;
+  };
   for (int k = 0;; ++k) {
     // Deterministic mode keeps a static stride: with greedy hand-out, neighbouring key blocks
     // of one sequence start together and then wait on each other's ordered dQ adds.
@@ -289,9 +340,71 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
           stage = 0;
           empty_phase ^= 1;
         }
+        const int row0 = rec.q_start + m * kBlockM;
+        publish_job((static_cast<int64_t>(row0) * p.num_heads + h) * kHeadDim,
+                    min(kBlockM, rec.len_q - m * kBlockM),
+                    params.bp.deterministic
+                        ? h * params.ws.semaphores_per_head + row0 / kBlockM + rec.batch
+                        : -1,
+                    rec.block);
       }
     }
   }
+  publish_job(0, -1, -1, 0);  // the writer stops
+}
+
+// The dQ writer warp: for each query block the compute warpgroups hand over in ss.dq (the
+// producer describes it in a DqJob), adds its rows below Lq (rows past Lq may be another
+// sequence's) into the fp32 accumulator, one bulk reduction per row, 32 rows in flight.
+// Deterministic mode adds in key-block order per (head, query block): key block n waits for
+// the semaphore to reach n (blocks 0 .. n-1 are exactly those that see the query block, since
+// query_begin grows with the key block), adds, waits for its adds to complete, passes it on.
+template <class Traits>
+__device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
+                              typename Traits::SharedStorage& ss) {
+  constexpr int kRowBytes = Traits::kHeadDim * sizeof(float);
+  const int lane = threadIdx.x % 32;
+  const int64_t row_pitch = static_cast<int64_t>(params.bp.p.num_heads) * Traits::kHeadDim;
+  uint32_t full_phase = 0;
+  for (int j = 0;; ++j) {
+    const int slot = j % Traits::kDqJobs;
+    wait_barrier(&ss.job_full[slot], (j / Traits::kDqJobs) & 1);
+    const DqJob job = ss.dq_jobs[slot];
+    __syncwarp();
+    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.job_empty[slot]);
+    if (job.rows < 0) break;
+    int* sem = job.semaphore >= 0 ? params.ws.dq_semaphore + job.semaphore : nullptr;
+    if (sem != nullptr) {
+      if (lane == 0) {
+        while (ld_acquire_gpu(sem) != job.turn) {
+        }
+      }
+      __syncwarp();
+      asm volatile("fence.proxy.async.global;" ::: "memory");  // the adds come after the wait
+    }
+    wait_barrier(&ss.dq_full, full_phase);
+    full_phase ^= 1;
+    float* dst = params.ws.dq_accum + job.offset;
+#pragma unroll 1  // this warp runs on 24 registers
+    for (int r = lane; r < job.rows; r += 32) {
+      bulk_reduce_add_f32(dst + r * row_pitch, ss.dq + r * Traits::kDqPitch, kRowBytes);
+    }
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    if (sem != nullptr) {
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the adds are done
+      asm volatile("fence.proxy.async.global;" ::: "memory");
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();
+        st_release_gpu(sem, job.turn + 1);
+      }
+    } else {
+      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
+      __syncwarp();
+    }
+    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty);
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 // Zero-fills rows [first_row, kRows) of a (kRows, D) smem tile, cooperatively over the 256
@@ -368,8 +481,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   // dQ. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
   // Split keys: warpgroup w computes all columns over keys [64 w, 64 w + 64).
   auto thr_dq = mma_dq.get_thread_slice(Traits::kDqSplitKeys ? thread_in_wg : thread);
-  // Coordinates of this thread's dQ accumulator in the (M, D) block.
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   if constexpr (Traits::kDqSplitKeys) {
     static_assert(decltype(size(tdQrdQ))::value * 128 == kBlockM * kHeadDim);
@@ -377,7 +488,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     static_assert(decltype(size(tdQrdQ))::value * 256 == kBlockM * kHeadDim);
   }
   Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
-  Tensor dq_coord = make_tensor(tdQcdQ.data(), accum_rowcol(tdQcdQ.layout()));
 
   // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x 64 queries),
   // dV and dK (64 keys x D), fp32.
@@ -402,7 +512,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t full_phase = 0;
   int kv_loads = 0;
   int ds_buffer = 0;
-  float* dq_accum = ws.dq_accum;
+  uint32_t dq_empty_phase = 1;  // the first block does not wait
 
   for (int k = 0;; ++k) {
     const int tile = Traits::Handoff::receive(ss.handoff, k);
@@ -541,44 +651,38 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           }
           ds_buffer ^= 1;
 
-          // dQ rows < Lq into the fp32 accumulator (unscaled; the postprocess scales).
-          const int64_t row0 = static_cast<int64_t>(rec.q_start) + m0;
-          float* dq_base = dq_accum + (row0 * p.num_heads + h) * kHeadDim;
-          const int64_t row_pitch = static_cast<int64_t>(p.num_heads) * kHeadDim;
-          auto add_dq = [&] {
-            CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < size<0>(dq_acc); ++r) {
-              const int row = get<0>(dq_coord(r, 0));
-              if (m0 + row >= mask.len_q) continue;
-              CUTLASS_PRAGMA_UNROLL
-              for (int c = 0; c < size<1>(dq_acc); c += 2) {
-                const int col = get<1>(dq_coord(r, c));
-                red_add_f32x2(dq_base + row * row_pitch + col, dq_acc(r, c), dq_acc(r, c + 1));
-              }
-            }
-          };
-          if (!bp.deterministic) {
-            add_dq();
-          } else {
-            // Key block n adds after blocks 0 .. n-1 (exactly the blocks that see this query
-            // block, since query_begin grows with the key block); the warpgroups take turns.
-            int* sem = ws.dq_semaphore + static_cast<int64_t>(h) * ws.semaphores_per_head +
-                       (rec.q_start + m0) / kBlockM + rec.batch;
-            if (thread == 0) {
-              while (ld_acquire_gpu(sem) != rec.block) {
-              }
-            }
-            bwd_consumers_sync();
-            if (!Traits::kDqSplitKeys || wg == 0) add_dq();
-            if constexpr (Traits::kDqSplitKeys) {
-              __threadfence();
-              bwd_consumers_sync();
-              if (wg == 1) add_dq();
-            }
-            __threadfence();
-            bwd_consumers_sync();
-            if (thread == 0) st_release_gpu(sem, rec.block + 1);
+          // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
+          // it has read the previous block out. Split keys: both warpgroups hold partial sums
+          // over their keys for the same (row, col) set; the second adds onto the first.
+          wait_barrier(&ss.dq_empty, dq_empty_phase);
+          dq_empty_phase ^= 1;
+          Tensor sdQ = make_tensor(make_smem_ptr(opaque_pointer(ss.dq)),
+                                   typename Traits::SmemLayoutdQ{});  // (M, D)
+          Tensor tdQsdQ = thr_dq.partition_C(sdQ);
+          Tensor dq_smem = make_tensor(tdQsdQ.data(), accum_rowcol(tdQsdQ.layout()));
+          const bool add_to_smem = Traits::kDqSplitKeys && wg == 1;
+          if constexpr (Traits::kDqSplitKeys) {
+            if (add_to_smem) cutlass::arch::NamedBarrier::sync(256, 2);
           }
+          CUTLASS_PRAGMA_UNROLL
+          for (int r = 0; r < size<0>(dq_acc); ++r) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < size<1>(dq_acc); c += 2) {
+              float2* dst = reinterpret_cast<float2*>(&dq_smem(r, c));  // (c, c + 1) adjacent
+              float2 v = make_float2(dq_acc(r, c), dq_acc(r, c + 1));
+              if (add_to_smem) {
+                const float2 w = *dst;
+                v.x += w.x;
+                v.y += w.y;
+              }
+              *dst = v;
+            }
+          }
+          if constexpr (Traits::kDqSplitKeys) {
+            if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 2);
+          }
+          cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
+          cutlass::arch::ClusterBarrier::arrive(&ss.dq_full);
         }
       }
       ++kv_loads;
@@ -630,6 +734,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
     cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.kv_empty, Traits::kConsumerThreads);
+    cutlass::arch::ClusterBarrier::init(&ss.dq_full, Traits::kConsumerThreads);
+    cutlass::arch::ClusterBarrier::init(&ss.dq_empty, 1);
+    for (int j = 0; j < Traits::kDqJobs; ++j) {
+      cutlass::arch::ClusterBarrier::init(&ss.job_full[j], 1);
+      cutlass::arch::ClusterBarrier::init(&ss.job_empty[j], 1);
+    }
     for (int s = 0; s < Traits::kStages; ++s) {
       // One arrival (the producer leader, after LSE and D are stored) plus the TMA bytes.
       cutlass::arch::ClusterTransactionBarrier::init(&ss.qdo_full[s], 1);
@@ -647,6 +757,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles, num_tiles);
+    if (warp == 1) bwd_dq_writer<Traits>(params, ss);
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
     bwd_consumer<Traits>(params, ss, num_block_tiles, num_tiles);

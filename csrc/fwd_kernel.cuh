@@ -7,9 +7,9 @@
 // (setmaxnreg) so the consumers can hold S, P and O.
 //
 // Work comes from the schedule built by scheduler.cu: (query block, head) tiles, then chunks
-// of padding rows that are written as zeros inside this same launch. CTAs take the items
-// dynamically (tile_handoff.h): zero chunks first, then the tiles in list order (within a
-// sequence, heaviest causal tiles first).
+// of padding rows that are written as zeros inside this same launch, by the producer
+// warpgroup's three spare warps while the consumers compute. CTAs take the tiles dynamically
+// (tile_handoff.h) in list order (within a sequence, heaviest causal tiles first).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -146,8 +146,7 @@ template <class Traits>
 __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
-                             typename Traits::PipelineKV& pipeline_v, int num_zero_items,
-                             int num_items) {
+                             typename Traits::PipelineKV& pipeline_v, int num_tiles) {
   using Element = typename Traits::Element;
   const VarlenProblem& p = params.fp.p;
   const WorkRecord* records = schedule_records(params.schedule);
@@ -166,11 +165,9 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
   int q_loads = 0;
   const int heads_per_kv = p.num_heads / p.num_heads_k;
   for (int k = 0;; ++k) {
-    const int item = Traits::Handoff::next(params.tile_counter, k);
-    Traits::Handoff::publish(ss.handoff, k, item);
-    if (item >= num_items) break;
-    if (item < num_zero_items) continue;  // zero record: consumers only
-    const int tile = item - num_zero_items;
+    const int tile = Traits::Handoff::next(params.tile_counter, k);
+    Traits::Handoff::publish(ss.handoff, k, tile);
+    if (tile >= num_tiles) break;
     const int head = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
@@ -233,8 +230,9 @@ __device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread_
   cutlass::arch::fence_view_async_shared();  // generic-proxy writes before wgmma reads them
 }
 
-// Writes zeros to out and -inf to LSE for padding rows [row_begin, row_end), every head.
-template <class Traits>
+// Writes zeros to out and -inf to LSE for padding rows [row_begin, row_end), every head,
+// with kThreads threads.
+template <class Traits, int kThreads>
 __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, int thread) {
   using Element = typename Traits::Element;
   constexpr int kVec = 16 / sizeof(Element);
@@ -243,7 +241,7 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
   const int chunks_per_row = chunks_per_head * p.num_heads;
   const int total = (row_end - row_begin) * chunks_per_row;
   Element* out = static_cast<Element*>(fp.out);
-  for (int i = thread; i < total; i += Traits::kConsumerThreads) {
+  for (int i = thread; i < total; i += kThreads) {
     const int row = row_begin + i / chunks_per_row;
     const int rem = i % chunks_per_row;
     const int head = rem / chunks_per_head;
@@ -252,7 +250,7 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
         make_int4(0, 0, 0, 0);
   }
   const int lse_total = (row_end - row_begin) * p.num_heads;
-  for (int i = thread; i < lse_total; i += Traits::kConsumerThreads) {
+  for (int i = thread; i < lse_total; i += kThreads) {
     const int head = i / (row_end - row_begin);
     const int row = row_begin + i % (row_end - row_begin);
     fp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row] = -INFINITY;
@@ -263,8 +261,7 @@ template <class Traits>
 __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
-                             typename Traits::PipelineKV& pipeline_v, int num_zero_items,
-                             int num_items) {
+                             typename Traits::PipelineKV& pipeline_v, int num_tiles) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -272,7 +269,6 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   const VarlenProblem& p = fp.p;
   const WorkRecord* records = schedule_records(params.schedule);
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
-  const int zero_offset = schedule_counts(params.schedule)->zero_offset;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
   const int consumer_wg = thread / 128;
   const int thread_in_wg = thread % 128;
@@ -310,14 +306,8 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   Element* out = static_cast<Element*>(fp.out);
 
   for (int k = 0;; ++k) {
-    const int item = Traits::Handoff::receive(ss.handoff, k);
-    if (item >= num_items) break;
-    if (item < num_zero_items) {
-      const WorkRecord rec = load_record(records, zero_offset + item);
-      fwd_zero_rows<Traits>(fp, rec.q_start, rec.k_start, thread);
-      continue;
-    }
-    const int tile = item - num_zero_items;
+    const int tile = Traits::Handoff::receive(ss.handoff, k);
+    if (tile >= num_tiles) break;
     const int head = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const MaskInfo mask = record_mask(rec, p.causal);
@@ -467,19 +457,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   __syncthreads();  // barrier initialisation is visible to every warp
 
   const ScheduleCounts* counts = schedule_counts(params.schedule);
-  // Work items: zero records first (short; the dynamic scheduler absorbs them at the start
-  // instead of leaving them on the tail of the launch), then (query block, head) tiles.
-  const int num_zero_items = params.fp.zero_padding ? counts->num_zero : 0;
-  const int num_items = num_zero_items + counts->num_blocks * params.fp.p.num_heads;
+  const int num_tiles = counts->num_blocks * params.fp.p.num_heads;
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0) {
-      fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_zero_items, num_items);
+      fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_tiles);
+    } else if (params.fp.zero_padding) {
+      // The producer warpgroup's other three warps have nothing else to do: they write the
+      // padding rows while the consumers compute, so the zero-writes overlap the attention.
+      const WorkRecord* zero_records = schedule_records(params.schedule) + counts->zero_offset;
+      for (int z = blockIdx.x; z < counts->num_zero; z += gridDim.x) {
+        const WorkRecord rec = load_record(zero_records, z);
+        fwd_zero_rows<Traits, 96>(params.fp, rec.q_start, rec.k_start, threadIdx.x - 32);
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
-    fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_zero_items, num_items);
+    fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_tiles);
   }
 }
 
