@@ -92,6 +92,15 @@ struct BwdTraits {
   // the bulk reduction.
   static constexpr int kDqPitch = kHeadDim + 4;
   using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqPitch>, _1>>;
+  // D = 64: two dQ buffers, so the compute warpgroups run a block ahead of the writer (a
+  // block's compute is short next to the writer's round trip). D = 128 has no room for a
+  // second (198 KB of the 227 KB of shared memory are in use).
+  static constexpr int kDqBuffers = kHeadDim <= 64 ? 2 : 1;
+  // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
+  // the compute warpgroups have released block b - kStages, so they wrote dQ of block
+  // b - kStages - 1, so the writer has taken block b - kStages - 1 - kDqBuffers: a ring of
+  // kDqJobs never makes the producer wait.
+  static constexpr int kDqJobs = kStages + kDqBuffers + 1;
 
   using SmemAtomK = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(
@@ -125,10 +134,6 @@ struct BwdTraits {
   static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
   using Handoff = TileHandoff<2, kConsumerThreads>;
-  // Jobs in flight from the producer to the dQ writer: the producer runs at most kStages
-  // blocks ahead of the compute warpgroups, the writer at most one behind, so this ring
-  // never makes the producer wait.
-  static constexpr int kDqJobs = 4;
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
@@ -136,7 +141,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(128) float dq[kBlockM * kDqPitch];  // (M, D), row pitch kDqPitch
+    alignas(128) float dq[kDqBuffers][kBlockM * kDqPitch];  // (M, D), row pitch kDqPitch
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows, 0 for rows past Lq.
     float lse[kStages][kBlockM];
@@ -145,8 +150,8 @@ struct BwdTraits {
     alignas(8) uint64_t qdo_empty[kStages];  // consumers are done with the stage
     alignas(8) uint64_t kv_full;   // TMA of K and V landed
     alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
-    alignas(8) uint64_t dq_full;   // dq written by the compute threads
-    alignas(8) uint64_t dq_empty;  // the writer has read dq out of shared memory
+    alignas(8) uint64_t dq_full[kDqBuffers];   // dq[b] written by the compute threads
+    alignas(8) uint64_t dq_empty[kDqBuffers];  // the writer has read dq[b]
     alignas(8) uint64_t job_full[kDqJobs];   // the producer wrote dq_jobs[slot]
     alignas(8) uint64_t job_empty[kDqJobs];  // the writer has read it
     typename Handoff::SharedStorage handoff;
@@ -365,6 +370,7 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
   constexpr int kRowBytes = Traits::kHeadDim * sizeof(float);
   const int lane = threadIdx.x % 32;
   const int64_t row_pitch = static_cast<int64_t>(params.bp.p.num_heads) * Traits::kHeadDim;
+  int buffer = 0;
   uint32_t full_phase = 0;
   for (int j = 0;; ++j) {
     const int slot = j % Traits::kDqJobs;
@@ -382,12 +388,12 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       __syncwarp();
       asm volatile("fence.proxy.async.global;" ::: "memory");  // the adds come after the wait
     }
-    wait_barrier(&ss.dq_full, full_phase);
-    full_phase ^= 1;
+    wait_barrier(&ss.dq_full[buffer], full_phase);
+    const float* src = ss.dq[buffer];
     float* dst = params.ws.dq_accum + job.offset;
 #pragma unroll 1  // this warp runs on 24 registers
     for (int r = lane; r < job.rows; r += 32) {
-      bulk_reduce_add_f32(dst + r * row_pitch, ss.dq + r * Traits::kDqPitch, kRowBytes);
+      bulk_reduce_add_f32(dst + r * row_pitch, src + r * Traits::kDqPitch, kRowBytes);
     }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     if (sem != nullptr) {
@@ -402,7 +408,11 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
       __syncwarp();
     }
-    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty);
+    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
+    if (++buffer == Traits::kDqBuffers) {
+      buffer = 0;
+      full_phase ^= 1;
+    }
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
@@ -512,7 +522,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t full_phase = 0;
   int kv_loads = 0;
   int ds_buffer = 0;
-  uint32_t dq_empty_phase = 1;  // the first block does not wait
+  int dq_buffer = 0;
+  uint32_t dq_empty_phase = 1;  // the first pass over the buffers does not wait
 
   for (int k = 0;; ++k) {
     const int tile = Traits::Handoff::receive(ss.handoff, k);
@@ -654,9 +665,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
           // it has read the previous block out. Split keys: both warpgroups hold partial sums
           // over their keys for the same (row, col) set; the second adds onto the first.
-          wait_barrier(&ss.dq_empty, dq_empty_phase);
-          dq_empty_phase ^= 1;
-          Tensor sdQ = make_tensor(make_smem_ptr(opaque_pointer(ss.dq)),
+          wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
+          Tensor sdQ = make_tensor(make_smem_ptr(opaque_pointer(ss.dq[dq_buffer])),
                                    typename Traits::SmemLayoutdQ{});  // (M, D)
           Tensor tdQsdQ = thr_dq.partition_C(sdQ);
           Tensor dq_smem = make_tensor(tdQsdQ.data(), accum_rowcol(tdQsdQ.layout()));
@@ -682,7 +692,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 2);
           }
           cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
-          cutlass::arch::ClusterBarrier::arrive(&ss.dq_full);
+          cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
+          if (++dq_buffer == Traits::kDqBuffers) {
+            dq_buffer = 0;
+            dq_empty_phase ^= 1;
+          }
         }
       }
       ++kv_loads;
@@ -734,8 +748,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
     cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.kv_empty, Traits::kConsumerThreads);
-    cutlass::arch::ClusterBarrier::init(&ss.dq_full, Traits::kConsumerThreads);
-    cutlass::arch::ClusterBarrier::init(&ss.dq_empty, 1);
+    for (int b = 0; b < Traits::kDqBuffers; ++b) {
+      cutlass::arch::ClusterBarrier::init(&ss.dq_full[b], Traits::kConsumerThreads);
+      cutlass::arch::ClusterBarrier::init(&ss.dq_empty[b], 1);
+    }
     for (int j = 0; j < Traits::kDqJobs; ++j) {
       cutlass::arch::ClusterBarrier::init(&ss.job_full[j], 1);
       cutlass::arch::ClusterBarrier::init(&ss.job_empty[j], 1);
