@@ -174,13 +174,6 @@ struct BwdKernelParams {
 // Named barrier 1: the two compute warpgroups (0 is __syncthreads).
 __device__ inline void bwd_consumers_sync() { cutlass::arch::NamedBarrier::sync(256, 1); }
 
-__device__ inline WorkRecord bwd_load_record(const WorkRecord* records, int i) {
-  const int4* src = reinterpret_cast<const int4*>(records + i);
-  int4 a = __ldg(src);
-  int4 b = __ldg(src + 1);
-  return WorkRecord{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-}
-
 // Query blocks [m_begin, m_end) that can see key block n; empty when m_begin >= m_end.
 struct QueryRange {
   int m_begin;
@@ -284,7 +277,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
     if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) continue;  // zero record: consumers only
     const int head_k = tile / num_blocks;
-    const WorkRecord rec = bwd_load_record(records, tile - head_k * num_blocks);
+    const WorkRecord rec = load_record(records, tile - head_k * num_blocks);
     const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
     const QueryRange range = bwd_query_range<Traits>(rec, mask);
     if (range.m_begin >= range.m_end) continue;  // consumers write zeros alone
@@ -529,12 +522,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     const int tile = Traits::Handoff::receive(ss.handoff, k);
     if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) {
-      const WorkRecord rec = bwd_load_record(records, zero_offset + (tile - num_block_tiles));
+      const WorkRecord rec = load_record(records, zero_offset + (tile - num_block_tiles));
       bwd_zero_rows<Traits>(bp, rec.q_start, rec.k_start, thread);
       continue;
     }
     const int head_k = tile / num_blocks;
-    const WorkRecord rec = bwd_load_record(records, tile - head_k * num_blocks);
+    const WorkRecord rec = load_record(records, tile - head_k * num_blocks);
     const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
     const QueryRange range = bwd_query_range<Traits>(rec, mask);
     const int n0 = rec.block * kBlockN;

@@ -123,13 +123,6 @@ __device__ inline void pass_turn(int consumer_wg) {
   cutlass::arch::NamedBarrier::arrive(256, 3 + (1 - consumer_wg));
 }
 
-__device__ inline WorkRecord load_record(const WorkRecord* records, int i) {
-  const int4* src = reinterpret_cast<const int4*>(records + i);
-  int4 a = __ldg(src);
-  int4 b = __ldg(src + 1);
-  return WorkRecord{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-}
-
 // Key-block range of one (query block) tile: [0, n_blocks).
 template <class Traits>
 __device__ inline int fwd_num_key_blocks(const WorkRecord& rec, const MaskInfo& mask) {

@@ -85,4 +85,14 @@ __host__ __device__ inline const WorkRecord* schedule_records(const void* worksp
                                              sizeof(ScheduleCounts));
 }
 
+#ifdef __CUDACC__
+// Record i, in two 16-byte read-only loads.
+__device__ inline WorkRecord load_record(const WorkRecord* records, int i) {
+  const int4* src = reinterpret_cast<const int4*>(records + i);
+  const int4 a = __ldg(src);
+  const int4 b = __ldg(src + 1);
+  return WorkRecord{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+#endif
+
 }  // namespace prefixlm
