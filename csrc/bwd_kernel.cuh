@@ -14,8 +14,8 @@
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
 // Q and dO per query block through a 2-stage pipeline; it also stages that block's LSE and D
-// in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the schedule
-// (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
+// in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the
+// schedule (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
 // written as zeros inside this launch. CTAs take the items dynamically in list order
 // (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
 // causal mask) first (deterministic mode: a static stride instead). Either way tiles start
@@ -201,13 +201,6 @@ __device__ inline int opaque_int(int v) {
   return v;
 }
 
-// mbarrier wait that also keeps the compiler from moving memory accesses across it
-// (ClusterBarrier::wait's asm has no memory clobber).
-__device__ inline void wait_barrier(uint64_t* barrier, uint32_t phase) {
-  cutlass::arch::ClusterBarrier::wait(barrier, phase);
-  asm volatile("" ::: "memory");
-}
-
 // Asynchronous elementwise fp32 add of `bytes` (a multiple of 16) from shared to global
 // memory, both 16-byte aligned; completes in this thread's current bulk group.
 __device__ inline void bulk_reduce_add_f32(float* gmem, const float* smem, int bytes) {
@@ -259,7 +252,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   auto publish_job = [&](int64_t offset, int rows, int semaphore, int turn) {
     const int slot = jobs % Traits::kDqJobs;
     if (jobs >= Traits::kDqJobs) {
-      cutlass::arch::ClusterBarrier::wait(&ss.job_empty[slot], (jobs / Traits::kDqJobs - 1) & 1);
+      wait_barrier(&ss.job_empty[slot], (jobs / Traits::kDqJobs - 1) & 1);
     }
     if (leader) {
       ss.dq_jobs[slot] = DqJob{offset, rows, semaphore, turn};
@@ -317,7 +310,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
       const float* lse_h = params.ws.lse_log2 + static_cast<int64_t>(h) * p.total_q + rec.q_start;
       const float* dpsum_h = params.ws.dpsum + static_cast<int64_t>(h) * p.total_q + rec.q_start;
       for (int m = range.m_begin; m < range.m_end; ++m) {
-        cutlass::arch::ClusterBarrier::wait(&ss.qdo_empty[stage], empty_phase);
+        wait_barrier(&ss.qdo_empty[stage], empty_phase);  // LSE and D are stored below
         uint64_t* full = &ss.qdo_full[stage];
         if (leader) {
           cutlass::arch::ClusterTransactionBarrier::expect_transaction(full, Traits::kQdOBytes);

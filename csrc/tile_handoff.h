@@ -8,6 +8,14 @@
 
 namespace prefixlm {
 
+// mbarrier wait that also keeps the compiler from moving memory accesses across it
+// (ClusterBarrier::wait's asm has no memory clobber): for plain shared-memory reads and
+// writes guarded by the barrier.
+__device__ inline void wait_barrier(uint64_t* barrier, uint32_t phase) {
+  cutlass::arch::ClusterBarrier::wait(barrier, phase);
+  asm volatile("" ::: "memory");
+}
+
 template <int kRing, int kConsumerThreads>
 struct TileHandoff {
   struct SharedStorage {
@@ -35,7 +43,7 @@ struct TileHandoff {
   __device__ static void publish(SharedStorage& s, int k, int item) {
     const int slot = k % kRing;
     const int use = k / kRing;
-    if (use > 0) cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (use - 1) & 1);
+    if (use > 0) wait_barrier(&s.empty[slot], (use - 1) & 1);
     if (threadIdx.x % 32 == 0) {
       s.tile[slot] = item;
       cutlass::arch::ClusterBarrier::arrive(&s.full[slot]);  // release: orders the store
@@ -46,7 +54,7 @@ struct TileHandoff {
   // Every consumer thread: the k-th item.
   __device__ static int receive(SharedStorage& s, int k) {
     const int slot = k % kRing;
-    cutlass::arch::ClusterBarrier::wait(&s.full[slot], (k / kRing) & 1);
+    wait_barrier(&s.full[slot], (k / kRing) & 1);
     const int item = s.tile[slot];
     cutlass::arch::ClusterBarrier::arrive(&s.empty[slot]);
     return item;
