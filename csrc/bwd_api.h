@@ -36,7 +36,7 @@ constexpr int kBwdBlockN = 128;
 // The backward's schedule: key blocks in sequence order (so the deterministic dQ order
 // never waits on a later tile), padding rows of k (dK/dV) zeroed in chunks of 64 rows.
 // Padding rows of dq are zeroed by the postprocess, which writes every row.
-inline ScheduleConfig bwd_schedule_config() {
+__host__ __device__ inline ScheduleConfig bwd_schedule_config() {
   ScheduleConfig c;
   c.block_rows = kBwdBlockN;
   c.key_blocks = true;

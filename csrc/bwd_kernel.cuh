@@ -15,8 +15,8 @@
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
 // Q and dO per query block through a 2-stage pipeline; it also stages that block's LSE and D
 // in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the
-// schedule (scheduler.cu): key-block tiles, then chunks of padding rows of k whose dK and dV are
-// written as zeros inside this launch. CTAs take the items dynamically in list order
+// schedule (built by the preprocess's first CTA): key-block tiles, then chunks of padding rows
+// of k whose dK and dV are written as zeros inside this launch. CTAs take the items dynamically in list order
 // (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
 // causal mask) first (deterministic mode: a static stride instead). Either way tiles start
 // in list order, so the smallest unfinished tile never waits on a later one and the ordered

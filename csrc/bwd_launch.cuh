@@ -1,5 +1,5 @@
-// Host side of the backward: schedule, preprocess, TMA descriptors, main kernel,
-// postprocess. Included by one .cu file per (head dim, element type) so the instantiations
+// Host side of the backward, three launches: preprocess (which also builds the schedule),
+// main kernel, postprocess. Included by one .cu file per (head dim, element type) so the instantiations
 // compile in parallel.
 #pragma once
 
@@ -16,17 +16,15 @@ template <int kHeadDim, class Element>
 void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream) {
   using Traits = BwdTraits<kHeadDim, Element>;
   const VarlenProblem& p = bp.p;
-  const ScheduleConfig cfg = bwd_schedule_config();
-  build_schedule(p, cfg, ScheduleCapacity::make(p, cfg), ws.schedule, stream);
-
-  // Threads of the pre/postprocess: D/8 per (row, head).
+  // Threads of the pre/postprocess: D/8 per (row, head). The preprocess has one more CTA,
+  // the schedule builder, and runs even without query rows: the main kernel still needs the
+  // schedule to zero-write dK and dV.
   const int64_t prepost_threads = static_cast<int64_t>(p.total_q) * p.num_heads * (kHeadDim / 8);
   const int prepost_blocks =
       static_cast<int>((prepost_threads + kPrePostThreads - 1) / kPrePostThreads);
-  if (prepost_blocks > 0) {
-    bwd_preprocess_kernel<kHeadDim, Element><<<prepost_blocks, kPrePostThreads, 0, stream>>>(bp, ws);
-    PREFIXLM_CUDA_CHECK(cudaGetLastError());
-  }
+  bwd_preprocess_kernel<kHeadDim, Element><<<prepost_blocks + 1, kPrePostThreads, 0, stream>>>(
+      bp, ws, ScheduleCapacity::make(p, bwd_schedule_config()));
+  PREFIXLM_CUDA_CHECK(cudaGetLastError());
 
   auto gmem = [&](const void* ptr, int rows, int heads, RowHeadStrides s) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),

@@ -1,8 +1,10 @@
 // Preprocess and postprocess of the backward: memory-bound passes over the query rows.
 //
-// Preprocess, one thread per 8 elements of a (row, head): D = rowsum(dO * O) and the LSE in
-// log2 units for real rows (0 and +inf for padding rows, by select, so NaN in padding never
-// leaks), the fp32 dQ accumulator cleared, the deterministic-mode semaphores cleared.
+// Preprocess: its first CTA builds the main kernel's schedule (schedule_build.cuh), so the
+// backward is three launches; the other CTAs take one thread per 8 elements of a (row, head):
+// D = rowsum(dO * O) and the LSE in log2 units for real rows (0 and +inf for padding rows, by
+// select, so NaN in padding never leaks), the fp32 dQ accumulator cleared, the
+// deterministic-mode semaphores cleared.
 // Postprocess: dq = softmax_scale * dq_accum in the input type, every row (padding rows of the
 // accumulator are never added to, so they come out as exact zeros).
 #pragma once
@@ -13,6 +15,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "bwd_api.h"
+#include "schedule_build.cuh"
 #include "seqinfo.h"
 
 namespace prefixlm {
@@ -35,11 +38,19 @@ __device__ inline bool bwd_row_is_real(const VarlenProblem& p, int row) {
 
 template <int kHeadDim, class Element>
 __global__ void __launch_bounds__(kPrePostThreads)
-    bwd_preprocess_kernel(const BwdParams bp, const BwdWorkspace ws) {
+    bwd_preprocess_kernel(const BwdParams bp, const BwdWorkspace ws,
+                          const ScheduleCapacity schedule_capacity) {
   constexpr int kVec = 8;                   // elements per thread: one 16-byte load
   constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
   const VarlenProblem& p = bp.p;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kPrePostThreads + threadIdx.x;
+  if (blockIdx.x == 0) {
+    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(), schedule_capacity,
+                                          ws.schedule);
+    return;
+  }
+  // CTAs 1 .. gridDim.x - 1 cover the (row, head) groups.
+  const int64_t row_threads = static_cast<int64_t>(gridDim.x - 1) * kPrePostThreads;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x - 1) * kPrePostThreads + threadIdx.x;
   const int64_t group = idx / kLanes;
   const int lane = static_cast<int>(idx % kLanes);
   const int64_t rows_heads = static_cast<int64_t>(p.total_q) * p.num_heads;
@@ -77,7 +88,7 @@ __global__ void __launch_bounds__(kPrePostThreads)
   }
   const int64_t num_sem = static_cast<int64_t>(p.num_heads) * ws.semaphores_per_head;
   if (bp.deterministic) {
-    for (int64_t i = idx; i < num_sem; i += static_cast<int64_t>(gridDim.x) * kPrePostThreads) {
+    for (int64_t i = idx; i < num_sem; i += row_threads) {
       ws.dq_semaphore[i] = 0;
     }
   }

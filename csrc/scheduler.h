@@ -1,6 +1,7 @@
 // Tile scheduler for packed varlen batches, with no host synchronisation.
 //
-// A tiny metadata kernel turns (cu_seqlens, seqused, prefix_lens) into a list of work
+// One CTA (the forward's metadata kernel, the backward's first preprocess CTA; the builder is
+// in schedule_build.cuh) turns (cu_seqlens, seqused, prefix_lens) into a list of work
 // records in a device workspace; the main kernel is a persistent grid (one CTA per SM) whose
 // CTAs take the items in list order from a counter in the workspace (tile_handoff.h), so
 // uneven tiles balance across SMs. The list holds, in this order:
@@ -73,7 +74,8 @@ struct ScheduleCapacity {
   }
 };
 
-// workspace: ScheduleCounts, then `blocks` block records, then `zero` zero records.
+// The forward's metadata kernel. workspace: ScheduleCounts, then `blocks` block records,
+// then `zero` zero records.
 void build_schedule(const VarlenProblem& p, const ScheduleConfig& c, ScheduleCapacity cap,
                     void* workspace, cudaStream_t stream);
 
