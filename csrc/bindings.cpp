@@ -109,6 +109,17 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
   return p;
 }
 
+// softmax_lse: contiguous float32 (H, total_q). Without query rows it holds nothing, and
+// torch gives an empty (H, 0) tensor the strides (1, 1), so its strides are not checked.
+void check_lse(const Tensor& softmax_lse, const prefixlm::VarlenProblem& p, int device) {
+  check_cuda(softmax_lse, "softmax_lse", device);
+  STD_TORCH_CHECK(softmax_lse.scalar_type() == ScalarType::Float && softmax_lse.dim() == 2 &&
+                      softmax_lse.size(0) == p.num_heads && softmax_lse.size(1) == p.total_q &&
+                      (p.total_q == 0 ||
+                       (softmax_lse.stride(1) == 1 && softmax_lse.stride(0) == p.total_q)),
+                  "prefixlm_C: softmax_lse must be a contiguous float32 (H, total_q) tensor");
+}
+
 void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
          std::optional<Tensor> seqused_q, std::optional<Tensor> seqused_k,
          std::optional<Tensor> prefix_lens, Tensor out, Tensor softmax_lse,
@@ -120,11 +131,7 @@ void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
   STD_TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.size(0) == q.size(0),
                   "prefixlm_C: out must be like q");
   check_rows_heads_dim(out, "out", p.num_heads, p.head_dim);
-  check_cuda(softmax_lse, "softmax_lse", device);
-  STD_TORCH_CHECK(softmax_lse.scalar_type() == ScalarType::Float && softmax_lse.dim() == 2 &&
-                      softmax_lse.size(0) == p.num_heads && softmax_lse.size(1) == p.total_q &&
-                      softmax_lse.stride(1) == 1 && softmax_lse.stride(0) == p.total_q,
-                  "prefixlm_C: softmax_lse must be a contiguous float32 (H, total_q) tensor");
+  check_lse(softmax_lse, p, device);
 
   prefixlm::FwdParams fp{};
   fp.p = p;
@@ -167,11 +174,7 @@ void bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_l
   check_like(dq, q, "dq", device);
   check_like(dk, k, "dk", device);
   check_like(dv, k, "dv", device);
-  check_cuda(softmax_lse, "softmax_lse", device);
-  STD_TORCH_CHECK(softmax_lse.scalar_type() == ScalarType::Float && softmax_lse.dim() == 2 &&
-                      softmax_lse.size(0) == p.num_heads && softmax_lse.size(1) == p.total_q &&
-                      softmax_lse.stride(1) == 1 && softmax_lse.stride(0) == p.total_q,
-                  "prefixlm_C: softmax_lse must be a contiguous float32 (H, total_q) tensor");
+  check_lse(softmax_lse, p, device);
 
   prefixlm::BwdParams bp{};
   bp.p = p;
