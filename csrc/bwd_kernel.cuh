@@ -635,7 +635,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
           copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();
-          bwd_consumers_sync();  // both halves of dS are in smem
+          if constexpr (Traits::kDqSplitKeys) {
+            // Each warpgroup reads only its own dS columns: no need to meet the other one.
+            cutlass::arch::NamedBarrier::sync(128, 2 + wg);
+          } else {
+            bwd_consumers_sync();  // both halves of dS are in smem
+          }
           warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
           warpgroup_wait<0>();
           fence_after_wait(tdSrdS_a, tdKrdK);
@@ -650,7 +655,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
 
           // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
           // it has read the previous block out. Split keys: both warpgroups hold partial sums
-          // over their keys for the same (row, col) set; the second adds onto the first.
+          // over their keys for the same (row, col) set; the second adds onto the first, after
+          // a handover barrier per dQ buffer (named barriers 4, 5). The warpgroups do not meet
+          // every block, so warpgroup 0 may arrive for the next block (other buffer) before
+          // warpgroup 1 has synced for this one; on a single barrier those two arrivals would
+          // complete it. It cannot arrive twice ahead on one buffer: that needs dq_empty of
+          // this block, which needs warpgroup 1's dq_full arrival below.
           wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
           Tensor sdQ = make_tensor(make_smem_ptr(opaque_pointer(ss.dq[dq_buffer])),
                                    typename Traits::SmemLayoutdQ{});  // (M, D)
@@ -658,7 +668,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor dq_smem = make_tensor(tdQsdQ.data(), accum_rowcol(tdQsdQ.layout()));
           const bool add_to_smem = Traits::kDqSplitKeys && wg == 1;
           if constexpr (Traits::kDqSplitKeys) {
-            if (add_to_smem) cutlass::arch::NamedBarrier::sync(256, 2);
+            if (add_to_smem) cutlass::arch::NamedBarrier::sync(256, 4 + dq_buffer);
           }
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < size<0>(dq_acc); ++r) {
@@ -675,7 +685,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             }
           }
           if constexpr (Traits::kDqSplitKeys) {
-            if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 2);
+            if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 4 + dq_buffer);
           }
           cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
           cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
