@@ -115,18 +115,45 @@ def test_backward_is_three_launches_and_no_memset(deterministic):
     assert not any("memset" in n.lower() for n in names), names
 
 
-def test_backward_without_query_rows_zero_writes_dk_dv():
-    """total_q == 0 while keys exist: no query can see a key, so dK and dV of every row
-    (real, padding, tail) are exact zeros, written by the main kernel from the schedule."""
-    b = packed_batch([0, 0, 0], [5, 130, 0], pad_q=[0, 0, 0], pad_k=[3, 0, 64], tail_q=0,
-                     tail_k=9, prefix=[2, 200, 0], heads=4, heads_k=2, head_dim=128,
-                     device=DEVICE)
-    assert b.q.shape[0] == 0 and b.k.shape[0] > 0
-    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(128 ** -0.5))
+def _empty_side_batch(case):
+    """Batches where one side, or the batch itself, is empty: every result is an exact zero
+    (or -inf for the LSE), since no real query can see a real key."""
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    if case == "no query rows":  # keys exist, including padding and tail rows
+        return packed_batch([0, 0, 0], [5, 130, 0], pad_q=[0, 0, 0], pad_k=[3, 0, 64],
+                            tail_q=0, tail_k=9, prefix=[2, 200, 0], heads=4, heads_k=2,
+                            head_dim=128, device=DEVICE)
+    if case == "no key rows":  # real queries with nothing to attend
+        return packed_batch([7, 130, 1], [0, 0, 0], pad_q=[2, 0, 5], pad_k=[0, 0, 0],
+                            tail_q=3, tail_k=0, causal=True, heads=4, heads_k=2,
+                            head_dim=64, device=DEVICE)
+    if case == "no rows at all":
+        return packed_batch([0, 0], heads=2, head_dim=128, device=DEVICE)
+    # batch == 0: cu_seqlens = [0], so every row of q and k is a tail row
+    b = packed_batch([3], [4], tail_q=5, tail_k=7, heads=2, head_dim=64, device=DEVICE)
+    b.cu_seqlens_q, b.cu_seqlens_k = i32([0]), i32([0])
+    b.q, b.k, b.v = b.q[3:].contiguous(), b.k[4:].contiguous(), b.v[4:].contiguous()
+    b.max_seqlen_q = b.max_seqlen_k = 0
+    return b
+
+
+@pytest.mark.parametrize("case", ["no query rows", "no key rows", "no rows at all",
+                                  "empty batch with tail rows"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_empty_sides_give_exact_zeros(case, deterministic):
+    """Degenerate batches through both ops, on allocations full of NaN: out and every
+    gradient exactly 0, LSE -inf, the shapes of the inputs."""
+    b = _empty_side_batch(case)
     fill_cuda_allocator_with_nan()
-    dq, dk, dv = bwd(b, torch.randn_like(b.q), out, lse)
-    assert dq.shape == b.q.shape
-    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(b.q.shape[-1] ** -0.5))
+    assert out.shape == b.q.shape and lse.shape == (b.q.shape[1], b.q.shape[0])
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+    fill_cuda_allocator_with_nan()
+    grads = bwd(b, torch.randn_like(b.q), out, lse, deterministic=deterministic)
+    for name, g, like in zip(("dq", "dk", "dv"), grads, (b.q, b.k, b.v)):
+        assert g.shape == like.shape and g.dtype == like.dtype, name
+        assert torch.equal(g, torch.zeros_like(g)), name
 
 
 def _dropin(prefix, causal, heads, head_dim, tail=0):
