@@ -92,10 +92,17 @@ struct BwdTraits {
   // the bulk reduction.
   static constexpr int kDqPitch = kHeadDim + 4;
   using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqPitch>, _1>>;
-  // D = 64: two dQ buffers, so the compute warpgroups run a block ahead of the writer (a
-  // block's compute is short next to the writer's round trip). D = 128 has no room for a
-  // second (198 KB of the 227 KB of shared memory are in use).
-  static constexpr int kDqBuffers = kHeadDim <= 64 ? 2 : 1;
+  // Two dQ buffers, so the compute warpgroups run a block ahead of the writer: its round
+  // trip (64 bulk reductions into a busy L2, then waiting for their reads) is about a block
+  // of compute, and with one buffer the warpgroups waited for it (ncu, D=128: 13% of all
+  // warp stall samples on dq_empty).
+  static constexpr int kDqBuffers = 2;
+  // dS buffers. D = 128 keeps one to make room for the second dQ buffer (two would need
+  // 228 KB of the 227 KB): a warpgroup then waits (ds_free) until both have finished the
+  // previous block's dQ product before it overwrites dS. D = 64 splits the keys, so each
+  // warpgroup reads only its own dS columns; two buffers spare it that wait.
+  static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
+  static_assert(kDsBuffers == 2 || !kDqSplitKeys, "one dS buffer is synchronised for split D");
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
   // b - kStages - 1, so the writer has taken block b - kStages - 1 - kDqBuffers: a ring of
@@ -113,12 +120,12 @@ struct BwdTraits {
   using SmemLayoutKt = decltype(composition(
       SmemLayoutK{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));  // (D, N)
-  // dS, double-buffered: (M, N, 2), queries contiguous.
-  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
+  // dS: (M, N, kDsBuffers), queries contiguous.
+  using SmemLayoutdS = decltype(tile_to_shape(
+      GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsBuffers>>{}));
   using SmemLayoutdSt = decltype(composition(
-      SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{},
-                                          Step<_2, _1, _3>{})));  // (N, M, 2)
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsBuffers>>{},
+                                          Step<_2, _1, _3>{})));  // (N, M, kDsBuffers)
 
   // Global tensors as TMA sees them: (rows, D, heads), rows and heads strided.
   using GmemShape = Shape<int32_t, int32_t, int32_t>;
@@ -154,9 +161,11 @@ struct BwdTraits {
     alignas(8) uint64_t dq_empty[kDqBuffers];  // the writer has read dq[b]
     alignas(8) uint64_t job_full[kDqJobs];   // the producer wrote dq_jobs[slot]
     alignas(8) uint64_t job_empty[kDqJobs];  // the writer has read it
+    alignas(8) uint64_t ds_free;  // kDsBuffers == 1: both warpgroups' dQ products read dS
     typename Handoff::SharedStorage handoff;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 CTA can have");
 };
 
 template <class Traits>
@@ -508,6 +517,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t full_phase = 0;
   int kv_loads = 0;
   int ds_buffer = 0;
+  uint32_t ds_free_phase = 0;
+  bool ds_written = false;  // kDsBuffers == 1: dS has been written before (wait for ds_free)
   int dq_buffer = 0;
   uint32_t dq_empty_phase = 1;  // the first pass over the buffers does not wait
 
@@ -553,7 +564,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor oV = make_tensor(make_smem_ptr(so.v.data()), typename Traits::SmemLayoutK{});
           Tensor odS = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdS{});
           Tensor odSt = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdSt{});
-          Tensor tdSsdS = thr_copy_ds.partition_D(odSt);  // (CPY, CPY_M, CPY_N, 2 buffers)
+          Tensor tdSsdS = thr_copy_ds.partition_D(odSt);  // (CPY, CPY_M, CPY_N, kDsBuffers)
           // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage).
           Tensor tSrK = thr_sdp.partition_fragment_A(oK);
           Tensor tSrV = thr_sdp.partition_fragment_A(oV);
@@ -564,7 +575,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           auto dq_operands = [&] {
             if constexpr (Traits::kDqSplitKeys) {
               Tensor odS_w = local_tile(odS, Shape<Int<kBlockM>, Int<kBlockN / 2>, _2>{},
-                                        make_coord(_0{}, wg, _0{}));  // (M, N/2, 2)
+                                        make_coord(_0{}, wg, _0{}));  // (M, N/2, 2 buffers)
               Tensor oKt_w = local_tile(oKt, Shape<Int<kHeadDim>, Int<kBlockN / 2>>{},
                                         make_coord(_0{}, wg));  // (D, N/2)
               return make_tuple(thr_dq.partition_fragment_A(odS_w),
@@ -574,7 +585,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
                                 thr_dq.partition_fragment_B(oKt));
             }
           }();
-          Tensor tdQrdS = get<0>(dq_operands);  // (MMA, MMA_M, MMA_K, 2 buffers)
+          Tensor tdQrdS = get<0>(dq_operands);  // (MMA, MMA_M, MMA_K, kDsBuffers)
           Tensor tdQrK = get<1>(dq_operands);   // (MMA, MMA_N, MMA_K)
           cutlass::arch::ClusterTransactionBarrier::wait(&ss.qdo_full[stage], full_phase);
           if (m0 + kBlockM > mask.len_q) {
@@ -633,6 +644,14 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
           warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+          if constexpr (Traits::kDsBuffers == 1) {
+            // The other warpgroup may still be multiplying the previous block's dS.
+            if (ds_written) {
+              wait_barrier(&ss.ds_free, ds_free_phase);
+              ds_free_phase ^= 1;
+            }
+            ds_written = true;
+          }
           copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();
           if constexpr (Traits::kDqSplitKeys) {
@@ -647,11 +666,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           fence_after_wait(tPrP_a, tdVrdV);
           warpgroup_fence_operand(tdQrdQ);
           cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+          if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
           if (++stage == Traits::kStages) {
             stage = 0;
             full_phase ^= 1;
           }
-          ds_buffer ^= 1;
+          if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
 
           // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
           // it has read the previous block out. Split keys: both warpgroups hold partial sums
@@ -752,6 +772,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::ClusterBarrier::init(&ss.job_full[j], 1);
       cutlass::arch::ClusterBarrier::init(&ss.job_empty[j], 1);
     }
+    cutlass::arch::ClusterBarrier::init(&ss.ds_free, Traits::kConsumerThreads);
     for (int s = 0; s < Traits::kStages; ++s) {
       // One arrival (the producer leader, after LSE and D are stored) plus the TMA bytes.
       cutlass::arch::ClusterTransactionBarrier::init(&ss.qdo_full[s], 1);
