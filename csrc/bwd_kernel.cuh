@@ -210,6 +210,18 @@ __device__ inline int opaque_int(int v) {
   return v;
 }
 
+__device__ inline uint32_t smem_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+__device__ inline float2 ld_shared_f32x2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ inline void st_shared_f32x2(uint32_t addr, float2 v) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(v.x), "f"(v.y) : "memory");
+}
+
 // Asynchronous elementwise fp32 add of `bytes` (a multiple of 16) from shared to global
 // memory, both 16-byte aligned; completes in this thread's current bulk group.
 __device__ inline void bulk_reduce_add_f32(float* gmem, const float* smem, int bytes) {
@@ -694,14 +706,17 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           for (int r = 0; r < size<0>(dq_acc); ++r) {
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < size<1>(dq_acc); c += 2) {
-              float2* dst = reinterpret_cast<float2*>(&dq_smem(r, c));  // (c, c + 1) adjacent
+              // (c, c + 1) adjacent. Shared-space accesses: through the opaque generic
+              // pointer the compiler would emit generic stores, which queue behind global
+              // memory traffic (ncu: LG-throttle stalls on them).
+              const uint32_t dst = smem_address(&dq_smem(r, c));
               float2 v = make_float2(dq_acc(r, c), dq_acc(r, c + 1));
               if (add_to_smem) {
-                const float2 w = *dst;
+                const float2 w = ld_shared_f32x2(dst);
                 v.x += w.x;
                 v.y += w.y;
               }
-              *dst = v;
+              st_shared_f32x2(dst, v);
             }
           }
           if constexpr (Traits::kDqSplitKeys) {
