@@ -63,7 +63,8 @@ struct BwdTraits {
   static constexpr int kThreads = 128 + kConsumerThreads;
   // D = 128: each warpgroup computes dQ for half of the head dim over all 128 keys.
   // D = 64: a half of the head dim (32) is too narrow for a 128-byte swizzled MN-major
-  // operand, so each warpgroup computes dQ over its own 64 keys and both add to global.
+  // operand, so each warpgroup computes dQ over its own 64 keys; the second adds its partial
+  // onto the first's in shared memory.
   static constexpr bool kDqSplitKeys = kHeadDim <= 64;
 
   using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;  // warpgroups split the key rows
