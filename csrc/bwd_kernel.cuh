@@ -16,8 +16,8 @@
 // Q and dO per query block through a 2-stage pipeline; it also stages that block's LSE and D
 // in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the
 // schedule (built by the preprocess's first CTA): key-block tiles, then chunks of padding rows
-// of k whose dK and dV are written as zeros inside this launch. CTAs take the items dynamically in list order
-// (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
+// of k whose dK and dV are written as zeros inside this launch. CTAs take the items
+// dynamically in list order (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
 // causal mask) first (deterministic mode: a static stride instead). Either way tiles start
 // in list order, so the smallest unfinished tile never waits on a later one and the ordered
 // dQ adds of deterministic mode cannot deadlock.
@@ -226,10 +226,9 @@ __device__ inline void st_shared_f32x2(uint32_t addr, float2 v) {
 // Asynchronous elementwise fp32 add of `bytes` (a multiple of 16) from shared to global
 // memory, both 16-byte aligned; completes in this thread's current bulk group.
 __device__ inline void bulk_reduce_add_f32(float* gmem, const float* smem, int bytes) {
-  const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
                    gmem),
-               "r"(saddr), "r"(bytes)
+               "r"(smem_address(smem)), "r"(bytes)
                : "memory");
 }
 
@@ -530,8 +529,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t full_phase = 0;
   int kv_loads = 0;
   int ds_buffer = 0;
-  uint32_t ds_free_phase = 0;
-  bool ds_written = false;  // kDsBuffers == 1: dS has been written before (wait for ds_free)
+  uint32_t ds_free_phase = 1;  // kDsBuffers == 1: the first dS write does not wait
   int dq_buffer = 0;
   uint32_t dq_empty_phase = 1;  // the first pass over the buffers does not wait
 
@@ -659,11 +657,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
           if constexpr (Traits::kDsBuffers == 1) {
             // The other warpgroup may still be multiplying the previous block's dS.
-            if (ds_written) {
-              wait_barrier(&ss.ds_free, ds_free_phase);
-              ds_free_phase ^= 1;
-            }
-            ds_written = true;
+            wait_barrier(&ss.ds_free, ds_free_phase);
+            ds_free_phase ^= 1;
           }
           copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();

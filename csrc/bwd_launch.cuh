@@ -1,6 +1,6 @@
 // Host side of the backward, three launches: preprocess (which also builds the schedule),
-// main kernel, postprocess. Included by one .cu file per (head dim, element type) so the instantiations
-// compile in parallel.
+// main kernel, postprocess. Included by one .cu file per (head dim, element type) so the
+// instantiations compile in parallel.
 #pragma once
 
 #include <cmath>
