@@ -47,14 +47,33 @@ __host__ __device__ inline ScheduleConfig bwd_schedule_config() {
   return c;
 }
 
+// The per-query-row workspace (dQ accumulator, LSE, D) is laid out in "accumulator rows":
+// slot b's row i goes to accumulator row bwd_accum_row0(q_start, b) + i. Each slot starts on
+// a block boundary and gets one block of slack, so a query block of one slot is kBwdBlockM
+// contiguous rows that belong to that slot alone, whatever the lengths: the kernel adds a
+// block's dQ with one bulk reduction, and reads its LSE and D with one bulk copy each.
+// With non-decreasing slot starts no two slots share a row (the block after slot b's last
+// row starts at or before bwd_accum_row0 of slot b + 1); the rows stay inside
+// bwd_accum_rows whatever the metadata.
+__host__ __device__ inline int bwd_accum_row0(int q_start, int b) {
+  return (q_start + b * kBwdBlockM) / kBwdBlockM * kBwdBlockM;
+}
+inline int bwd_accum_rows(const VarlenProblem& p) {
+  return (p.total_q + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM + (p.batch + 1) * kBwdBlockM;
+}
+
 // Pieces of the backward's device workspace, carved out of one byte buffer.
 struct BwdWorkspace {
   void* schedule;
-  float* dq_accum;  // (total_q, H, D) fp32, cleared by the preprocess
-  float* lse_log2;  // (H, total_q): LSE in log2 units; +inf for rows with no allowed key
-  float* dpsum;     // (H, total_q): rowsum(dO * O); 0 for padding rows
-  int* dq_semaphore;  // (H, semaphores_per_head): deterministic mode's dQ turn counters
-  int semaphores_per_head;
+  // (H, accum_rows, D) fp32, cleared by the preprocess. Inside each block of kBwdBlockM
+  // rows, the 8-float chunks of row r are permuted by chunk ^ (r % 8) (BwdTraits::SmemLayoutdQ:
+  // the kernel stores its fragments to shared memory that way without bank conflicts and
+  // adds the block as it is; the postprocess undoes the permutation).
+  float* dq_accum;
+  float* lse_log2;  // (H, accum_rows): LSE in log2 units; +inf for rows that are not real
+  float* dpsum;     // (H, accum_rows): rowsum(dO * O); 0 for rows that are not real
+  int* dq_semaphore;  // (H, accum_rows / kBwdBlockM): deterministic mode's dQ turn counters
+  int accum_rows;
 };
 
 // Byte size of the workspace and its carving; `base` may be null for the size alone.

@@ -13,10 +13,8 @@ int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* ws) {
   const ScheduleConfig c = bwd_schedule_config();
-  const int64_t rows_heads = static_cast<int64_t>(p.total_q) * p.num_heads;
-  // One semaphore per (head, query block): a block starting at row r of slot b gets index
-  // r / kBwdBlockM + b, distinct for every block of every slot.
-  const int sem_per_head = p.total_q / kBwdBlockM + p.batch + 1;
+  const int accum_rows = bwd_accum_rows(p);
+  const int64_t rows_heads = static_cast<int64_t>(accum_rows) * p.num_heads;
   int64_t offset = 0;
   const int64_t schedule_off = offset;
   offset += align256(ScheduleCapacity::make(p, c).workspace_bytes());
@@ -27,8 +25,7 @@ int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* w
   const int64_t dpsum_off = offset;
   offset += align256(rows_heads * static_cast<int64_t>(sizeof(float)));
   const int64_t sem_off = offset;
-  offset += align256(static_cast<int64_t>(p.num_heads) * sem_per_head *
-                     static_cast<int64_t>(sizeof(int)));
+  offset += align256(rows_heads / kBwdBlockM * static_cast<int64_t>(sizeof(int)));
   if (ws != nullptr) {
     char* b = static_cast<char*>(base);
     ws->schedule = b + schedule_off;
@@ -36,7 +33,7 @@ int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* w
     ws->lse_log2 = reinterpret_cast<float*>(b + lse_off);
     ws->dpsum = reinterpret_cast<float*>(b + dpsum_off);
     ws->dq_semaphore = reinterpret_cast<int*>(b + sem_off);
-    ws->semaphores_per_head = sem_per_head;
+    ws->accum_rows = accum_rows;
   }
   return offset;
 }

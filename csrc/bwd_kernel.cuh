@@ -13,14 +13,14 @@
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
-// Q and dO per query block through a 2-stage pipeline; it also stages that block's LSE and D
-// in shared memory) and the dQ writer warp; warpgroups 1 and 2 compute. Work comes from the
-// schedule (built by the preprocess's first CTA): key-block tiles, then chunks of padding rows
-// of k whose dK and dV are written as zeros inside this launch. CTAs take the items
-// dynamically in list order (tile_handoff.h): within a sequence, key block 0 (which sees the most query blocks under a
-// causal mask) first (deterministic mode: a static stride instead). Either way tiles start
-// in list order, so the smallest unfinished tile never waits on a later one and the ordered
-// dQ adds of deterministic mode cannot deadlock.
+// Q and dO per query block through a 2-stage pipeline, with that block's LSE and D as bulk
+// copies on the same barrier) and the dQ writer (one thread of warp 1); warpgroups 1 and 2
+// compute. Work comes from the schedule (built by the preprocess's first CTA): key-block
+// tiles, then chunks of padding rows of k whose dK and dV are written as zeros inside this
+// launch. CTAs take the items dynamically in list order (tile_handoff.h): within a sequence,
+// key block 0 (which sees the most query blocks under a causal mask) first. Tiles start in
+// list order, so the smallest unfinished tile never waits on a later one and the ordered dQ
+// adds of deterministic mode cannot deadlock, whether or not every CTA is resident.
 //
 // NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
 // of K past Lk are zero-filled in shared memory (they are multiplied by exact zeros in the
@@ -46,8 +46,7 @@ using namespace cute;
 
 // One query block's dQ, described by the producer warp for the dQ writer warp.
 struct DqJob {
-  int64_t offset;  // float offset of the block's first row (head h) in the accumulator
-  int rows;        // rows to add: the block's rows below Lq; < 0 ends the writer
+  int64_t offset;  // float offset of the block in the accumulator; < 0 ends the writer
   int semaphore;   // deterministic mode: index into dq_semaphore, else -1
   int turn;        // deterministic mode: add when the semaphore equals this (the key block)
 };
@@ -88,19 +87,23 @@ struct BwdTraits {
                            GMMA::Major::MN, GMMA::Major::MN>(),
       conditional_t<kDqSplitKeys, Layout<Shape<_1, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
   static constexpr int kDqThreads = kDqSplitKeys ? 128 : 256;
-  // dQ block in shared memory, fp32 rows of kDqPitch floats: the 16-byte pad puts the 8 rows
-  // an accumulator fragment spans on different banks, and keeps each row 16-byte aligned for
-  // the bulk reduction.
-  static constexpr int kDqPitch = kHeadDim + 4;
-  using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqPitch>, _1>>;
+  // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
+  // permuted by chunk ^ (r % 8): the 8 rows an accumulator fragment store spans land on
+  // different banks, and the block is one contiguous range, added to the accumulator (which
+  // keeps this layout, see BwdWorkspace) by a single bulk reduction.
+  using SmemLayoutdQ = decltype(composition(
+      Swizzle<3, 3, kHeadDim == 64 ? 3 : 4>{},
+      Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kHeadDim>, _1>>{}));
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the dQ swizzle assumes rows of 2^(S+3) floats");
+  static constexpr int kDqBlockBytes = kBlockM * kHeadDim * sizeof(float);
   // Two dQ buffers, so the compute warpgroups run a block ahead of the writer: its round
-  // trip (64 bulk reductions into a busy L2, then waiting for their reads) is about a block
-  // of compute, and with one buffer the warpgroups waited for it (ncu, D=128: 13% of all
-  // warp stall samples on dq_empty).
+  // trip (a bulk reduction into a busy L2, then waiting for its reads) can take about a
+  // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
+  // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
   static constexpr int kDqBuffers = 2;
-  // dS buffers. D = 128 keeps one to make room for the second dQ buffer (two would need
-  // 228 KB of the 227 KB): a warpgroup then waits (ds_free) until both have finished the
-  // previous block's dQ product before it overwrites dS. D = 64 splits the keys, so each
+  // dS buffers. D = 128 keeps one (two fit since v10 but measured 2-3% slower): a warpgroup
+  // waits (ds_free) until both have finished the previous block's dQ product before it
+  // overwrites dS. D = 64 splits the keys, so each
   // warpgroup reads only its own dS columns; two buffers spare it that wait.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
   static_assert(kDsBuffers == 2 || !kDqSplitKeys, "one dS buffer is synchronised for split D");
@@ -139,7 +142,9 @@ struct BwdTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{},
                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 
-  static constexpr uint32_t kQdOBytes = 2 * kBlockM * kHeadDim * sizeof(Element);
+  // Per query block: Q and dO (TMA), LSE and D (bulk copies), all on one barrier.
+  static constexpr uint32_t kQdOBytes =
+      2 * kBlockM * kHeadDim * sizeof(Element) + 2 * kBlockM * sizeof(float);
   static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
   using Handoff = TileHandoff<2, kConsumerThreads>;
 
@@ -149,12 +154,12 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(128) float dq[kDqBuffers][kBlockM * kDqPitch];  // (M, D), row pitch kDqPitch
+    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // SmemLayoutdQ
     DqJob dq_jobs[kDqJobs];
-    // Per stage: LSE (log2) and D of the query block's rows, 0 for rows past Lq.
-    float lse[kStages][kBlockM];
-    float dpsum[kStages][kBlockM];
-    alignas(8) uint64_t qdo_full[kStages];   // Q and dO landed (TMA), LSE and D stored
+    // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
+    alignas(16) float lse[kStages][kBlockM];
+    alignas(16) float dpsum[kStages][kBlockM];
+    alignas(8) uint64_t qdo_full[kStages];   // Q, dO, LSE and D landed (bulk copies)
     alignas(8) uint64_t qdo_empty[kStages];  // consumers are done with the stage
     alignas(8) uint64_t kv_full;   // TMA of K and V landed
     alignas(8) uint64_t kv_empty;  // consumers are done reading K and V
@@ -270,23 +275,28 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   int kv_loads = 0;
   int jobs = 0;
   // Hands the dQ writer its next job (ring of kDqJobs, see BwdTraits).
-  auto publish_job = [&](int64_t offset, int rows, int semaphore, int turn) {
+  auto publish_job = [&](int64_t offset, int semaphore, int turn) {
     const int slot = jobs % Traits::kDqJobs;
     if (jobs >= Traits::kDqJobs) {
       wait_barrier(&ss.job_empty[slot], (jobs / Traits::kDqJobs - 1) & 1);
     }
     if (leader) {
-      ss.dq_jobs[slot] = DqJob{offset, rows, semaphore, turn};
+      ss.dq_jobs[slot] = DqJob{offset, semaphore, turn};
       cutlass::arch::ClusterBarrier::arrive(&ss.job_full[slot]);  // release: orders the store
     }
     __syncwarp();
     ++jobs;
   };
+  // Deterministic mode: semaphores per (head, accumulator block), unique per (slot, query
+  // block) when slot starts do not decrease; otherwise slots overlap (the result is
+  // meaningless anyway) and the adds go unordered, so that no turn can be waited for forever.
+  const bool ordered = params.bp.deterministic && schedule_counts(params.ws.schedule)->q_slots_ordered;
+  const int accum_rows = params.ws.accum_rows;
   for (int k = 0;; ++k) {
-    // Deterministic mode keeps a static stride: with greedy hand-out, neighbouring key blocks
-    // of one sequence start together and then wait on each other's ordered dQ adds.
-    const int tile = params.bp.deterministic ? static_cast<int>(blockIdx.x + k * gridDim.x)
-                                             : Traits::Handoff::next(params.tile_counter, k);
+    // Tiles are taken in list order, also in deterministic mode: a tile whose dQ turn another
+    // waits for was taken earlier, so by a CTA that is running (a static stride would let a
+    // resident CTA wait on one that has not started, e.g. when other work holds some SMs).
+    const int tile = Traits::Handoff::next(params.tile_counter, k);
     Traits::Handoff::publish(ss.handoff, k, tile);
     if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) continue;  // zero record: consumers only
@@ -328,94 +338,70 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
                                       group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOg, tdOs] = tma_partition(params.tma_do, _0{}, Layout<_1>{},
                                         group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-      const float* lse_h = params.ws.lse_log2 + static_cast<int64_t>(h) * p.total_q + rec.q_start;
-      const float* dpsum_h = params.ws.dpsum + static_cast<int64_t>(h) * p.total_q + rec.q_start;
+      // This slot's rows in the accumulator-row workspace (BwdWorkspace), head h.
+      const int64_t slot_rows = static_cast<int64_t>(h) * accum_rows +
+                                bwd_accum_row0(rec.q_start, rec.batch);
       for (int m = range.m_begin; m < range.m_end; ++m) {
-        wait_barrier(&ss.qdo_empty[stage], empty_phase);  // LSE and D are stored below
+        wait_barrier(&ss.qdo_empty[stage], empty_phase);
         uint64_t* full = &ss.qdo_full[stage];
+        const int64_t block_row = slot_rows + m * kBlockM;
         if (leader) {
-          cutlass::arch::ClusterTransactionBarrier::expect_transaction(full, Traits::kQdOBytes);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, Traits::kQdOBytes);
           copy(params.tma_q.with(*full, 0), tQg(_, m), tQs(_, stage));
           copy(params.tma_do.with(*full, 0), tdOg(_, m), tdOs(_, stage));
+          SM90_BULK_COPY_G2S::copy(params.ws.lse_log2 + block_row, full, ss.lse[stage],
+                                   kBlockM * sizeof(float));
+          SM90_BULK_COPY_G2S::copy(params.ws.dpsum + block_row, full, ss.dpsum[stage],
+                                   kBlockM * sizeof(float));
         }
-        // LSE and D of the block's rows; rows past Lq get 0 (by select, never read).
-        CUTLASS_PRAGMA_UNROLL
-        for (int r = lane; r < kBlockM; r += 32) {
-          const int i = m * kBlockM + r;
-          const bool real = i < rec.len_q;
-          ss.lse[stage][r] = real ? lse_h[i] : 0.f;
-          ss.dpsum[stage][r] = real ? dpsum_h[i] : 0.f;
-        }
-        __syncwarp();
-        if (leader) cutlass::arch::ClusterBarrier::arrive(full);
         if (++stage == Traits::kStages) {
           stage = 0;
           empty_phase ^= 1;
         }
-        const int row0 = rec.q_start + m * kBlockM;
-        publish_job((static_cast<int64_t>(row0) * p.num_heads + h) * kHeadDim,
-                    min(kBlockM, rec.len_q - m * kBlockM),
-                    params.bp.deterministic
-                        ? h * params.ws.semaphores_per_head + row0 / kBlockM + rec.batch
-                        : -1,
-                    rec.block);
+        publish_job(block_row * kHeadDim,
+                    ordered ? static_cast<int>(block_row / kBlockM) : -1, rec.block);
       }
     }
   }
-  publish_job(0, -1, -1, 0);  // the writer stops
+  publish_job(-1, -1, 0);  // the writer stops
 }
 
-// The dQ writer warp: for each query block the compute warpgroups hand over in ss.dq (the
-// producer describes it in a DqJob), adds its rows below Lq (rows past Lq may be another
-// sequence's) into the fp32 accumulator, one bulk reduction per row, 32 rows in flight.
-// Deterministic mode adds in key-block order per (head, query block): key block n waits for
-// the semaphore to reach n (blocks 0 .. n-1 are exactly those that see the query block, since
-// query_begin grows with the key block), adds, waits for its adds to complete, passes it on.
+// The dQ writer (one thread of warp 1): for each query block the compute warpgroups hand
+// over in ss.dq (the producer describes it in a DqJob), adds the whole block to the fp32
+// accumulator with one bulk reduction (rows past Lq hold exact zeros and land in the slot's
+// own padding, see BwdWorkspace). Deterministic mode adds in key-block order per (head, query
+// block): key block n waits for the semaphore to reach n (blocks 0 .. n-1 are exactly those
+// that see the query block, since query_begin grows with the key block), adds, waits for the
+// add to complete, passes the turn on.
 template <class Traits>
 __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
                               typename Traits::SharedStorage& ss) {
-  constexpr int kRowBytes = Traits::kHeadDim * sizeof(float);
-  const int lane = threadIdx.x % 32;
-  const int64_t row_pitch = static_cast<int64_t>(params.bp.p.num_heads) * Traits::kHeadDim;
   int buffer = 0;
   uint32_t full_phase = 0;
   for (int j = 0;; ++j) {
     const int slot = j % Traits::kDqJobs;
     wait_barrier(&ss.job_full[slot], (j / Traits::kDqJobs) & 1);
     const DqJob job = ss.dq_jobs[slot];
-    __syncwarp();
-    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.job_empty[slot]);
-    if (job.rows < 0) break;
+    cutlass::arch::ClusterBarrier::arrive(&ss.job_empty[slot]);
+    if (job.offset < 0) break;
     int* sem = job.semaphore >= 0 ? params.ws.dq_semaphore + job.semaphore : nullptr;
     if (sem != nullptr) {
-      if (lane == 0) {
-        while (ld_acquire_gpu(sem) != job.turn) {
-        }
+      while (ld_acquire_gpu(sem) != job.turn) {
       }
-      __syncwarp();
-      asm volatile("fence.proxy.async.global;" ::: "memory");  // the adds come after the wait
+      asm volatile("fence.proxy.async.global;" ::: "memory");  // the add comes after the wait
     }
     wait_barrier(&ss.dq_full[buffer], full_phase);
-    const float* src = ss.dq[buffer];
-    float* dst = params.ws.dq_accum + job.offset;
-#pragma unroll 1  // this warp runs on 24 registers
-    for (int r = lane; r < job.rows; r += 32) {
-      bulk_reduce_add_f32(dst + r * row_pitch, src + r * Traits::kDqPitch, kRowBytes);
-    }
+    bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer], Traits::kDqBlockBytes);
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     if (sem != nullptr) {
-      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the adds are done
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the add is done
       asm volatile("fence.proxy.async.global;" ::: "memory");
-      __syncwarp();
-      if (lane == 0) {
-        __threadfence();
-        st_release_gpu(sem, job.turn + 1);
-      }
+      __threadfence();
+      st_release_gpu(sem, job.turn + 1);
     } else {
       asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
-      __syncwarp();
     }
-    if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
+    cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
     if (++buffer == Traits::kDqBuffers) {
       buffer = 0;
       full_phase ^= 1;
@@ -460,6 +446,34 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
   }
 }
 
+// Stores (add = false) or adds (add = true) this thread's dQ fragment, (rows, cols) of the
+// (M, D) block, into a dQ buffer (SmemLayoutdQ). The thread index is made opaque so the 16
+// swizzled offsets are derived here, per block: hoisted, they stayed live through the main
+// loop and spilled. Shared-space accesses: through a generic pointer the compiler emits
+// generic stores, which queue behind global memory traffic (ncu: LG-throttle stalls on them).
+template <class Traits, class TiledMma, class Acc>
+__device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer, int dq_thread,
+                                    bool add) {
+  Tensor sdQ = make_tensor(make_smem_ptr(buffer), typename Traits::SmemLayoutdQ{});  // (M, D)
+  Tensor cdQ = mma_dq.get_thread_slice(opaque_int(dq_thread))
+                   .partition_C(make_identity_tensor(shape(sdQ)));
+  Tensor coord = make_tensor(cdQ.data(), accum_rowcol(cdQ.layout()));  // (rows, cols) -> (m, d)
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < size<0>(dq_acc); ++r) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(dq_acc); c += 2) {  // (c, c + 1) adjacent
+      const uint32_t dst = smem_address(&sdQ(coord(r, c)));
+      float2 v = make_float2(dq_acc(r, c), dq_acc(r, c + 1));
+      if (add) {
+        const float2 w = ld_shared_f32x2(dst);
+        v.x += w.x;
+        v.y += w.y;
+      }
+      st_shared_f32x2(dst, v);
+    }
+  }
+}
+
 template <class Traits>
 __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss, int num_block_tiles,
@@ -497,7 +511,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
 
   // dQ. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
   // Split keys: warpgroup w computes all columns over keys [64 w, 64 w + 64).
-  auto thr_dq = mma_dq.get_thread_slice(Traits::kDqSplitKeys ? thread_in_wg : thread);
+  const int dq_thread = Traits::kDqSplitKeys ? thread_in_wg : thread;
+  auto thr_dq = mma_dq.get_thread_slice(dq_thread);
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   if constexpr (Traits::kDqSplitKeys) {
     static_assert(decltype(size(tdQrdQ))::value * 128 == kBlockM * kHeadDim);
@@ -690,31 +705,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           // complete it. It cannot arrive twice ahead on one buffer: that needs dq_empty of
           // this block, which needs warpgroup 1's dq_full arrival below.
           wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-          Tensor sdQ = make_tensor(make_smem_ptr(opaque_pointer(ss.dq[dq_buffer])),
-                                   typename Traits::SmemLayoutdQ{});  // (M, D)
-          Tensor tdQsdQ = thr_dq.partition_C(sdQ);
-          Tensor dq_smem = make_tensor(tdQsdQ.data(), accum_rowcol(tdQsdQ.layout()));
           const bool add_to_smem = Traits::kDqSplitKeys && wg == 1;
           if constexpr (Traits::kDqSplitKeys) {
             if (add_to_smem) cutlass::arch::NamedBarrier::sync(256, 4 + dq_buffer);
           }
-          CUTLASS_PRAGMA_UNROLL
-          for (int r = 0; r < size<0>(dq_acc); ++r) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < size<1>(dq_acc); c += 2) {
-              // (c, c + 1) adjacent. Shared-space accesses: through the opaque generic
-              // pointer the compiler would emit generic stores, which queue behind global
-              // memory traffic (ncu: LG-throttle stalls on them).
-              const uint32_t dst = smem_address(&dq_smem(r, c));
-              float2 v = make_float2(dq_acc(r, c), dq_acc(r, c + 1));
-              if (add_to_smem) {
-                const float2 w = ld_shared_f32x2(dst);
-                v.x += w.x;
-                v.y += w.y;
-              }
-              st_shared_f32x2(dst, v);
-            }
-          }
+          bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], dq_thread, add_to_smem);
           if constexpr (Traits::kDqSplitKeys) {
             if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 4 + dq_buffer);
           }
@@ -801,7 +796,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles, num_tiles);
-    if (warp == 1) bwd_dq_writer<Traits>(params, ss);
+    if (warp == 1 && cute::elect_one_sync()) bwd_dq_writer<Traits>(params, ss);
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
     bwd_consumer<Traits>(params, ss, num_block_tiles, num_tiles);

@@ -16,13 +16,16 @@ template <int kHeadDim, class Element>
 void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream) {
   using Traits = BwdTraits<kHeadDim, Element>;
   const VarlenProblem& p = bp.p;
-  // Threads of the pre/postprocess: D/8 per (row, head). The preprocess has one more CTA,
-  // the schedule builder, and runs even without query rows: the main kernel still needs the
-  // schedule to zero-write dK and dV.
-  const int64_t prepost_threads = static_cast<int64_t>(p.total_q) * p.num_heads * (kHeadDim / 8);
-  const int prepost_blocks =
-      static_cast<int>((prepost_threads + kPrePostThreads - 1) / kPrePostThreads);
-  bwd_preprocess_kernel<kHeadDim, Element><<<prepost_blocks + 1, kPrePostThreads, 0, stream>>>(
+  // Threads of the pre/postprocess: D/8 per (accumulator row, head) and per (q row, head).
+  // The preprocess has one more CTA, the schedule builder, and runs even without query rows:
+  // the main kernel still needs the schedule to zero-write dK and dV.
+  auto blocks_for = [](int64_t rows) {
+    const int64_t threads = rows * (kHeadDim / 8);
+    return static_cast<int>((threads + kPrePostThreads - 1) / kPrePostThreads);
+  };
+  const int pre_blocks = blocks_for(static_cast<int64_t>(ws.accum_rows) * p.num_heads);
+  const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads);
+  bwd_preprocess_kernel<kHeadDim, Element><<<pre_blocks + 1, kPrePostThreads, 0, stream>>>(
       bp, ws, ScheduleCapacity::make(p, bwd_schedule_config()));
   PREFIXLM_CUDA_CHECK(cudaGetLastError());
 
@@ -67,8 +70,8 @@ void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t 
     kernel<<<bp.num_sms, Traits::kThreads, Traits::kSmemBytes, stream>>>(kp);
     PREFIXLM_CUDA_CHECK(cudaGetLastError());
   }
-  if (prepost_blocks > 0) {
-    bwd_postprocess_kernel<kHeadDim, Element><<<prepost_blocks, kPrePostThreads, 0, stream>>>(bp, ws);
+  if (post_blocks > 0) {
+    bwd_postprocess_kernel<kHeadDim, Element><<<post_blocks, kPrePostThreads, 0, stream>>>(bp, ws);
     PREFIXLM_CUDA_CHECK(cudaGetLastError());
   }
 }

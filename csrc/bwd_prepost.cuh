@@ -1,12 +1,13 @@
 // Preprocess and postprocess of the backward: memory-bound passes over the query rows.
 //
 // Preprocess: its first CTA builds the main kernel's schedule (schedule_build.cuh), so the
-// backward is three launches; the other CTAs take one thread per 8 elements of a (row, head):
-// D = rowsum(dO * O) and the LSE in log2 units for real rows (0 and +inf for padding rows, by
-// select, so NaN in padding never leaks), the fp32 dQ accumulator cleared, the
+// backward is three launches; the other CTAs take one thread per 8 elements of an
+// (accumulator row, head) (BwdWorkspace): the fp32 dQ accumulator row cleared, and for the
+// q row it stands for, D = rowsum(dO * O) and the LSE in log2 units (0 and +inf, by select,
+// for accumulator rows that stand for no real row, so NaN in padding never leaks); the
 // deterministic-mode semaphores cleared.
-// Postprocess: dq = softmax_scale * dq_accum in the input type, every row (padding rows of the
-// accumulator are never added to, so they come out as exact zeros).
+// Postprocess: dq = softmax_scale * dq_accum in the input type, every row of q (padding and
+// tail rows: exact zeros).
 #pragma once
 
 #include <cmath>
@@ -22,18 +23,38 @@ namespace prefixlm {
 
 constexpr int kPrePostThreads = 256;
 
-// Whether row `row` of q is a real row: inside slot b's first Lq rows. Binary search over
-// the (clamped) slot starts; rows outside every slot (tail) are not real.
-__device__ inline bool bwd_row_is_real(const VarlenProblem& p, int row) {
-  int lo = 0, hi = p.batch;  // find the last slot b with start <= row
+// The last slot b in [0, B) with key(b) <= x (slot 0 if none), by binary search: exact
+// for keys non-decreasing in b, some slot in range otherwise. B must be > 0.
+template <class Key>
+__device__ inline int bwd_find_slot(int batch, int x, Key key) {
+  int lo = 0, hi = batch;
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (clamp_int(p.cu_seqlens_q[mid], 0, p.total_q) <= row) lo = mid;
+    if (key(mid) <= x) lo = mid;
     else hi = mid;
   }
-  if (p.batch == 0) return false;
-  const SeqInfo s = load_seqinfo(p, lo);
-  return row >= s.q_start && row < s.q_start + s.len_q;
+  return lo;
+}
+
+// The real q row an accumulator row stands for, or -1.
+__device__ inline int bwd_accum_row_to_q(const VarlenProblem& p, int a) {
+  if (p.batch == 0) return -1;
+  const int b = bwd_find_slot(p.batch, a, [&](int s) {
+    return bwd_accum_row0(clamp_int(p.cu_seqlens_q[s], 0, p.total_q), s);
+  });
+  const SeqInfo s = load_seqinfo(p, b);
+  const int i = a - bwd_accum_row0(s.q_start, b);
+  return i >= 0 && i < s.len_q ? s.q_start + i : -1;
+}
+
+// The accumulator row of q row `row`, or -1 if the row is not real (padding, tail).
+__device__ inline int bwd_q_to_accum_row(const VarlenProblem& p, int row) {
+  if (p.batch == 0) return -1;
+  const int b = bwd_find_slot(p.batch, row,
+                              [&](int s) { return clamp_int(p.cu_seqlens_q[s], 0, p.total_q); });
+  const SeqInfo s = load_seqinfo(p, b);
+  const int i = row - s.q_start;
+  return i >= 0 && i < s.len_q ? bwd_accum_row0(s.q_start, b) + i : -1;
 }
 
 template <int kHeadDim, class Element>
@@ -48,19 +69,18 @@ __global__ void __launch_bounds__(kPrePostThreads)
                                           ws.schedule);
     return;
   }
-  // CTAs 1 .. gridDim.x - 1 cover the (row, head) groups.
+  // CTAs 1 .. gridDim.x - 1 cover the (accumulator row, head) groups.
   const int64_t row_threads = static_cast<int64_t>(gridDim.x - 1) * kPrePostThreads;
   const int64_t idx = static_cast<int64_t>(blockIdx.x - 1) * kPrePostThreads + threadIdx.x;
   const int64_t group = idx / kLanes;
   const int lane = static_cast<int>(idx % kLanes);
-  const int64_t rows_heads = static_cast<int64_t>(p.total_q) * p.num_heads;
-  const bool valid = group < rows_heads;
-  const int row = valid ? static_cast<int>(group / p.num_heads) : 0;
+  const bool valid = group < static_cast<int64_t>(ws.accum_rows) * p.num_heads;
+  const int arow = valid ? static_cast<int>(group / p.num_heads) : 0;
   const int head = valid ? static_cast<int>(group % p.num_heads) : 0;
-  const bool real = valid && bwd_row_is_real(p, row);
+  const int row = valid ? bwd_accum_row_to_q(p, arow) : -1;
 
   float dot = 0.f;
-  if (real) {
+  if (row >= 0) {
     using Vec = cutlass::Array<Element, kVec>;
     const Element* o = static_cast<const Element*>(bp.out) + row * bp.o_stride.row +
                        head * bp.o_stride.head + lane * kVec;
@@ -75,18 +95,19 @@ __global__ void __launch_bounds__(kPrePostThreads)
   for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
 
   if (valid) {
-    float4* acc = reinterpret_cast<float4*>(ws.dq_accum + group * kHeadDim + lane * kVec);
+    const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
+    float4* acc = reinterpret_cast<float4*>(ws.dq_accum + at * kHeadDim + lane * kVec);
     acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
     acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (lane == 0) {
-      const int64_t at = static_cast<int64_t>(head) * p.total_q + row;
-      const float lse = bp.softmax_lse[at];
+      const float lse = row >= 0 ? bp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row]
+                                 : -INFINITY;
       // A row with no allowed key has LSE -inf: +inf makes every exp2(s - lse) exactly 0.
-      ws.lse_log2[at] = real && lse != -INFINITY ? lse * static_cast<float>(M_LOG2E) : INFINITY;
-      ws.dpsum[at] = real ? dot : 0.f;
+      ws.lse_log2[at] = lse != -INFINITY ? lse * static_cast<float>(M_LOG2E) : INFINITY;
+      ws.dpsum[at] = row >= 0 ? dot : 0.f;
     }
   }
-  const int64_t num_sem = static_cast<int64_t>(p.num_heads) * ws.semaphores_per_head;
+  const int64_t num_sem = static_cast<int64_t>(p.num_heads) * (ws.accum_rows / kBwdBlockM);
   if (bp.deterministic) {
     for (int64_t i = idx; i < num_sem; i += row_threads) {
       ws.dq_semaphore[i] = 0;
@@ -106,8 +127,17 @@ __global__ void __launch_bounds__(kPrePostThreads)
   if (group >= static_cast<int64_t>(p.total_q) * p.num_heads) return;
   const int row = static_cast<int>(group / p.num_heads);
   const int head = static_cast<int>(group % p.num_heads);
-  const float4* acc = reinterpret_cast<const float4*>(ws.dq_accum + group * kHeadDim + lane * kVec);
-  const float4 a = acc[0], b = acc[1];
+  const int arow = bwd_q_to_accum_row(p, row);
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+  if (arow >= 0) {
+    // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
+    // lane ^ (row % 8) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
+    const int chunk = lane ^ (arow % 8);
+    const float4* acc = reinterpret_cast<const float4*>(
+        ws.dq_accum + (static_cast<int64_t>(head) * ws.accum_rows + arow) * kHeadDim + chunk * kVec);
+    a = acc[0];
+    b = acc[1];
+  }
   const float s = p.softmax_scale;
   cutlass::Array<Element, kVec> out;
   out[0] = Element(a.x * s);

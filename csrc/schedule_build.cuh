@@ -53,11 +53,13 @@ __device__ void build_schedule_block(const VarlenProblem& p, const ScheduleConfi
   WorkRecord* zero_records = records + cap.blocks;
 
   Counts running{0, 0};
+  bool q_decreases = false;
   for (int base = 0; base < p.batch; base += kThreads) {
     const int b = base + threadIdx.x;
     SeqInfo s{};
     Counts mine{0, 0};
     if (b < p.batch) {
+      q_decreases |= p.cu_seqlens_q[b + 1] < p.cu_seqlens_q[b];
       s = load_seqinfo(p, b);
       mine.blocks = ceil_div_dev(c.key_blocks ? s.len_k : s.len_q, c.block_rows);
       if (c.zero_q) mine.zero += ceil_div_dev(s.q_end - s.q_start - s.len_q, c.zero_rows);
@@ -92,6 +94,7 @@ __device__ void build_schedule_block(const VarlenProblem& p, const ScheduleConfi
     running.zero += chunk_total.zero;
   }
 
+  q_decreases = __syncthreads_or(q_decreases);
   // Tail rows after the last slot: [cu_seqlens[B], total).
   if (threadIdx.x == 0) {
     int zslot = running.zero;
@@ -109,6 +112,7 @@ __device__ void build_schedule_block(const VarlenProblem& p, const ScheduleConfi
     counts->num_zero = zslot < cap.zero ? zslot : cap.zero;
     counts->zero_offset = cap.blocks;
     counts->tile_counter = 0;
+    counts->q_slots_ordered = !q_decreases;
   }
 }
 

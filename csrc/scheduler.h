@@ -38,11 +38,13 @@ struct alignas(16) WorkRecord {
   int batch;
 };
 
-struct ScheduleCounts {
+// The records follow it in the workspace: its size keeps them 16-byte aligned.
+struct alignas(16) ScheduleCounts {
   int num_blocks;  // records of kind kRecordBlock, stored first
   int num_zero;    // zero records
   int zero_offset; // index of the first zero record (the block records' capacity)
   int tile_counter;  // work items taken so far by persistent CTAs past their first one
+  int q_slots_ordered;  // 1 when cu_seqlens_q does not decrease, so no two q slots overlap
 };
 
 struct ScheduleConfig {

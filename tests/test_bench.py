@@ -1,22 +1,18 @@
 """The benchmark's host side, on the CPU: the allowed-pair counts behind every TF/s figure,
-the batch shapes it promises, its tables, and the two-pass PrefixLM baseline (run on the CPU
-reference ops), which must compute the same attention as the single pass it is compared with."""
-
-import os
-import sys
+the batch shapes it promises, its tables and best-peer ratios, and the two-pass PrefixLM
+recipe (run on the CPU reference ops), which must compute the same attention as the single
+pass it is compared with, also when each pass leaves the rows it does not own unwritten."""
 
 import numpy as np
 import pytest
 import torch
 
-from prefixlm_fa3.reference import dense_mask
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import bench  # noqa: E402
+from benchmarks import cases, peers, report, studies
+from benchmarks.timing import Timing
+from prefixlm_fa3.reference import dense_mask, real_rows, slots
 
 
-def _reference_pairs(batch: bench.Batch) -> int:
+def _reference_pairs(batch: cases.Batch) -> int:
     as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
     mask = dense_mask(as_int32(batch.cu), as_int32(batch.cu), as_int32(batch.used),
                       as_int32(batch.used),
@@ -28,70 +24,157 @@ def _reference_pairs(batch: bench.Batch) -> int:
 @pytest.mark.parametrize("causal", [False, True])
 def test_allowed_pairs_matches_the_reference_mask(causal):
     rng = np.random.default_rng(0)
-    cases = [(0, 5, None), (5, 0, 3), (1, 1, None), (1, 1, 0), (7, 3, None), (3, 7, None),
-             (5, 5, 9), (129, 129, 64), (64, 200, 17), (200, 64, 300)]
-    cases += [(int(a), int(b), int(p)) for a, b, p in rng.integers(0, 300, size=(20, 3))]
-    for lq, lk, prefix in cases:
+    shapes = [(0, 5, None), (5, 0, 3), (1, 1, None), (1, 1, 0), (7, 3, None), (3, 7, None),
+              (5, 5, 9), (129, 129, 64), (64, 200, 17), (200, 64, 300)]
+    shapes += [(int(a), int(b), int(p)) for a, b, p in rng.integers(0, 300, size=(20, 3))]
+    for lq, lk, prefix in shapes:
         as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
         mask = dense_mask(as_int32([0, lq]), as_int32([0, lk]), None, None,
                           as_int32([prefix]) if prefix is not None and causal else None,
                           lq, lk, causal)
         want = int(mask.sum())
-        got = bench.allowed_pairs(lq, lk, causal, prefix if causal else None)
+        got = cases.allowed_pairs(lq, lk, causal, prefix if causal else None)
         assert got == want, (lq, lk, prefix, causal)
 
 
 def test_batches_keep_their_promises():
-    for kind in ("full", "causal"):
-        for n in bench.SEQLENS:
-            b = bench.dense_batch(kind, n)
-            assert b.dense and b.total == bench.TOKENS and b.causal == (kind == "causal")
-            assert b.pairs == len(b.slots) * bench.allowed_pairs(n, n, b.causal)
+    for kind in cases.KINDS:
+        for n in cases.SEQLENS:
+            b = cases.dense_batch(kind, n, 16)
+            assert b.dense and b.total == cases.TOKENS and b.causal == (kind == "causal")
+            assert b.pairs == len(b.slots) * cases.allowed_pairs(n, n, b.causal)
+            assert b.fwd_flops(128) == 4 * 128 * 16 * b.pairs
 
-    p = bench.prefixlm_batch()
-    assert len(p.used) == 8 and p.tail == 512 and not p.dense and p.causal
+    p = cases.prefixlm_batch()
+    assert len(p.used) == 8 and p.tail == 512 and not p.dense and p.causal and p.heads == 16
     for slot, n, prefix in zip(p.slots, p.used, p.prefix):
         assert 512 <= n <= 4096 and 1 <= slot - n <= 128
         assert 0.2 * n - 1 <= prefix <= 0.8 * n + 1 and 0 < prefix < n
     assert p.pairs == _reference_pairs(p)
     assert p.real_rows().sum() == sum(p.used) and p.real_rows().shape == (p.total,)
+    assert p.prefix_rows().sum() == sum(p.prefix)
     assert p.response_rows().sum() == sum(n - q for n, q in zip(p.used, p.prefix))
 
-    z = bench.padded_full_batch()
+    z = cases.padded_full_batch()
     assert z.padded and z.tail == 512 and all(1 <= s - n <= 256 for s, n in zip(z.slots, z.used))
     assert z.pairs == _reference_pairs(z)
 
+    # SPEC's protocol: H=16 at D=128, H=32 at D=64 on dense cases, PrefixLM H=16 at every D
+    plan = cases.plan([128, 64], quick=True)
+    assert len(plan) == 2 * (len(cases.QUICK_SHAPES) + 1)
+    assert {(d, b.heads) for b, d in plan if b.dense} == {(128, 16), (64, 32)}
+    assert {b.heads for b, _ in plan if b.kind == "prefixlm"} == {16}
+
+
+def _timing(fwd_ms=None, fwd_bwd_ms=None, note="—") -> dict:
+    return Timing(fwd_ms, fwd_bwd_ms, note, note).to_dict(4 * 10**12)
+
+
+COLUMNS = [["ours", "prefixlm_fa3"], ["fa4", "FA4"], ["cudnn", "cuDNN SDPA"], ["flex", "Flex"]]
+
+
+def _case(timings: dict, kind: str = "full") -> dict:
+    return {"case": "c", "kind": kind, "head_dim": 128, "heads": 16, "timings": timings,
+            "check_vs_ours": {}, "check_ok": None}
+
 
 def test_tables_show_figures_and_missing_values():
-    flops = 4 * 10**12
-    assert bench.Timing(fwd_ms=2.0, bwd_ms=5.0).cell(flops, True) == "2000 / 2000"
-    assert bench.Timing(fwd_ms=2.0).cell(flops, False) == "2000"
-    assert bench.Timing(fwd_note="n/a", bwd_note="n/a").cell(flops, True) == "n/a / n/a"
-    table = bench.markdown_table(["a", "long header"], [["xyz", "1"], ["", "22"]])
+    assert report.cell(_timing(2.0, 7.0), True) == "2000 / 2000"  # bwd = 7 - 2 ms, 2.5x the flops
+    assert report.cell(_timing(2.0), False) == "2000"
+    assert report.cell(_timing(2.0, note="n/a"), True) == "2000 / n/a"
+    assert report.cell(_timing(note="n/a"), True) == "n/a / n/a"
+    table = report.markdown_table(["a", "long header"], [["xyz", "1"], ["", "22"]])
     lines = table.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
-    zero = bench.zero_write_table([{"case": "c", "head_dim": 128,
-                                    "fwd_ms": {"zero": 1.01, "no_zero": 1.0, "cost_pct": 1.0}}])
+    zero = report.zero_write_table([{"case": "c", "head_dim": 128,
+                                     "fwd_ms": {"zero": 1.01, "no_zero": 1.0, "cost_pct": 1.0}}])
     assert "+1.00%" in zero and "n/a" in zero
+    two = report.two_pass_table([{"case": "c", "head_dim": 64, "out_diff_abs": 0.0,
+                                  "timings": {"single": _timing(1.0, 3.0), "two_pass": _timing(1.5, 4.5)}},
+                                 {"case": "d", "head_dim": 64, "error": "boom"}])
+    assert "1.000 / 1.500" in two and "1.50x" in two and "err" in two
+
+
+def test_best_peer_ratio_from_raw_timings():
+    timings = {"ours": _timing(1.0, 3.0),      # bwd 2.0 ms
+               "fa4": _timing(0.8, 3.2),       # bwd 2.4 ms: fastest forward
+               "cudnn": _timing(1.25, 2.95),   # bwd 1.7 ms: fastest backward
+               "flex": _timing(note="err")}    # failed: not a candidate
+    fwd, bwd = report.vs_best_peer(timings, "fwd"), report.vs_best_peer(timings, "bwd")
+    assert fwd["peer"] == "fa4" and fwd["ratio"] == pytest.approx(0.8)
+    assert bwd["peer"] == "cudnn" and bwd["ratio"] == pytest.approx(0.85)
+    row = report.main_row(_case(timings), COLUMNS, with_bwd=True)
+    assert row[-3:-1] == ["0.80 (FA4)", "0.85 (cuDNN SDPA)"]
+    assert report.main_row(_case(timings), COLUMNS, with_bwd=False)[-2] == "0.80 (FA4)"
+
+    alone = {"ours": _timing(1.0, 3.0), "flex": _timing(note="n/a")}
+    assert report.vs_best_peer(alone, "fwd") is None
+    assert report.main_row(_case(alone), COLUMNS[::3], with_bwd=True)[-3:-1] == ["—", "—"]
+
+    step = report.prefixlm_step_table([_case(timings, "prefixlm")], COLUMNS)
+    assert "3.200 (1.07x)" in step and "2.950 (0.98x)" in step
+    assert "Flex" not in step  # no training-step time: no column
+
+
+def _small_prefixlm(monkeypatch):
+    monkeypatch.setattr(cases, "DEVICE", "cpu")
+    batch = cases.Batch("prefixlm", "small prefixlm", slots=(40, 70, 9, 33), used=(37, 64, 9, 30),
+                        heads=2, prefix=(11, 1, 4, 29), tail=5)
+    return batch, cases.make_inputs(batch, 64)
 
 
 def test_two_pass_baseline_computes_the_single_pass(monkeypatch):
     """On the CPU reference the two passes (bidirectional prefixes, causal responses shifted
     by the prefix, merged) must give the single PrefixLM pass's out, dq, dk and dv."""
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "HEADS", 2)
-    monkeypatch.setattr(bench, "ours_bwd_built", lambda: True)
-    batch = bench.Batch("prefixlm", "small prefixlm", slots=(40, 70, 9, 33), used=(37, 64, 9, 30),
-                        prefix=(11, 1, 4, 29), tail=5)
+    batch, _ = _small_prefixlm(monkeypatch)
     calls = []
 
     def fake_bench(fn):
         calls.append(fn())
         return 1.0
 
-    result = bench.two_pass_case(batch, 64, fake_bench, with_bwd=True)
-    assert "bwd_error" not in result, result.get("bwd_error")
+    result = studies.two_pass_study(batch, 64, fake_bench, with_bwd=True)
+    for t in result["timings"].values():
+        assert t["error"] is None and t["fwd_ms"] == t["fwd_bwd_ms"] == 1.0
     assert result["out_diff_abs"] <= 2e-2
     assert result["grads_diff_abs"] <= 5e-2
-    assert set(result["fwd_ms"]) == {"single", "two_pass"} and "fwd_bwd_ms" in result
-    assert len(calls) == 4  # each variant was run by the timer
+    assert len(calls) == 4  # fwd and fwd+bwd of each variant were run by the timer
+
+
+class _PoisonGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, outside):
+        ctx.save_for_backward(outside)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (outside,) = ctx.saved_tensors
+        return grad.masked_fill(outside, float("nan")), None
+
+
+def _leaves_rows_unwritten(q, k, v, m: peers.Varlen, scale: float):
+    """The reference op, but like FA4 it leaves every row outside seqused unwritten (NaN
+    here) in out, dq, dk and dv."""
+    real_q, real_k = real_rows(slots(m.cu_seqlens_q, m.cu_seqlens_k, m.seqused_q, m.seqused_k, None,
+                                     q.shape[0], k.shape[0]), q.shape[0], k.shape[0])
+    outside_q, outside_k = ~real_q[:, None, None], ~real_k[:, None, None]
+    q, k, v = _PoisonGrad.apply(q, outside_q), _PoisonGrad.apply(k, outside_k), _PoisonGrad.apply(v, outside_k)
+    return peers.Ours.varlen(q, k, v, m, scale).masked_fill(outside_q, float("nan"))
+
+
+def test_fa4_two_pass_recipe_is_exact_when_passes_leave_rows_unwritten(monkeypatch):
+    batch, inp = _small_prefixlm(monkeypatch)
+    real = inp.real
+    single = peers.OURS.build(batch, inp, with_bwd=True)
+    want_out, want_grads = single.fwd().detach(), single.fwd_bwd()
+
+    recipe = peers.autograd_run(inp, peers.two_pass(batch, inp, _leaves_rows_unwritten, True), True)
+    out, grads = recipe.fwd().detach(), recipe.fwd_bwd()
+    assert studies.max_diff(out, want_out, real)[1] <= 2e-2
+    assert not any(g[real].isnan().any() for g in grads)
+    assert studies.worst_diff(zip(grads, want_grads), real)[1] <= 5e-2
+
+    # without the zeroing, the unwritten rows of one pass poison the other's gradients
+    unmasked = peers.autograd_run(inp, peers.two_pass(batch, inp, _leaves_rows_unwritten, False), True)
+    assert any(g[real].isnan().any() for g in unmasked.fwd_bwd())
