@@ -33,14 +33,16 @@ constexpr int kBwdBlockM = 64;
 // Key rows per tile of the backward (the schedule's block size).
 constexpr int kBwdBlockN = 128;
 
-// The backward's schedule: key blocks in sequence order (so the deterministic dQ order
-// never waits on a later tile), padding rows of k (dK/dV) zeroed in chunks of 64 rows.
-// Padding rows of dq are zeroed by the postprocess, which writes every row.
-__host__ __device__ inline ScheduleConfig bwd_schedule_config() {
+// The backward's schedule: key blocks per sequence, padding rows of k (dK/dV) zeroed in
+// chunks of 64 rows. Padding rows of dq are zeroed by the postprocess, which writes every row.
+// Key block 0 first (under a causal mask the heaviest); deterministic mode goes last-first,
+// the order in which its dQ adds happen (bwd_kernel.cuh), so that no tile waits for a turn
+// of one that comes later in the list.
+__host__ __device__ inline ScheduleConfig bwd_schedule_config(bool deterministic) {
   ScheduleConfig c;
   c.block_rows = kBwdBlockN;
   c.key_blocks = true;
-  c.reverse = false;
+  c.reverse = deterministic;
   c.zero_rows = 64;
   c.zero_q = false;
   c.zero_k = true;

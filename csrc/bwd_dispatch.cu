@@ -12,7 +12,7 @@ int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 }  // namespace
 
 int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* ws) {
-  const ScheduleConfig c = bwd_schedule_config();
+  const ScheduleConfig c = bwd_schedule_config(false);  // capacity: the same either order
   const int accum_rows = bwd_accum_rows(p);
   const int64_t rows_heads = static_cast<int64_t>(accum_rows) * p.num_heads;
   int64_t offset = 0;

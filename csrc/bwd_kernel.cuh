@@ -246,6 +246,20 @@ __device__ inline void st_release_gpu(int* ptr, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
 }
 
+// Deterministic mode: the place of key block n among the adds to query block m's dQ. They go
+// last key block first: key block n reaches query block m after m - first(n) blocks of its
+// own, and first(n) grows with n, so under a causal mask this is the order in which the
+// adds become ready when the key blocks of a sequence run side by side (first-to-last would
+// make key block n wait about n blocks for the ones before it). The key blocks that see
+// query block m are 0 .. last (query_begin grows with the key block).
+template <class Traits>
+__device__ inline int dq_turn(const MaskInfo& mask, int n, int m) {
+  const int m0 = m * Traits::kBlockM;
+  const int rows_end = min(m0 + Traits::kBlockM, mask.len_q);
+  const int last = (mask.key_end(m0, rows_end) - 1) / Traits::kBlockN;
+  return last - n;
+}
+
 template <class Traits>
 __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss, int num_block_tiles,
@@ -358,8 +372,8 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
           stage = 0;
           empty_phase ^= 1;
         }
-        publish_job(block_row * kHeadDim,
-                    ordered ? static_cast<int>(block_row / kBlockM) : -1, rec.block);
+        publish_job(block_row * kHeadDim, ordered ? static_cast<int>(block_row / kBlockM) : -1,
+                    ordered ? dq_turn<Traits>(mask, rec.block, m) : 0);
       }
     }
   }
@@ -369,10 +383,9 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
 // The dQ writer (one thread of warp 1): for each query block the compute warpgroups hand
 // over in ss.dq (the producer describes it in a DqJob), adds the whole block to the fp32
 // accumulator with one bulk reduction (rows past Lq hold exact zeros and land in the slot's
-// own padding, see BwdWorkspace). Deterministic mode adds in key-block order per (head, query
-// block): key block n waits for the semaphore to reach n (blocks 0 .. n-1 are exactly those
-// that see the query block, since query_begin grows with the key block), adds, waits for the
-// add to complete, passes the turn on.
+// own padding, see BwdWorkspace). Deterministic mode adds in a fixed key-block order per
+// (head, query block) (dq_turn): a block waits for the semaphore to reach its turn, adds,
+// waits for the add to complete, passes the turn on.
 template <class Traits>
 __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
                               typename Traits::SharedStorage& ss) {
@@ -669,7 +682,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           }
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
-          warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
           if constexpr (Traits::kDsBuffers == 1) {
             // The other warpgroup may still be multiplying the previous block's dS.
             wait_barrier(&ss.ds_free, ds_free_phase);
@@ -683,17 +695,13 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           } else {
             bwd_consumers_sync();  // both halves of dS are in smem
           }
+          // dQ before dK, so that dQ leaves registers for shared memory while dK runs.
           warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
-          warpgroup_wait<0>();
-          fence_after_wait(tdSrdS_a, tdKrdK);
+          warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+          warpgroup_wait<1>();  // dV and dQ done; dK may still run
           fence_after_wait(tPrP_a, tdVrdV);
           warpgroup_fence_operand(tdQrdQ);
-          cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
           if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
-          if (++stage == Traits::kStages) {
-            stage = 0;
-            full_phase ^= 1;
-          }
           if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
 
           // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
@@ -718,6 +726,13 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           if (++dq_buffer == Traits::kDqBuffers) {
             dq_buffer = 0;
             dq_empty_phase ^= 1;
+          }
+          warpgroup_wait<0>();  // dK done: the stage's Q and dO are free
+          fence_after_wait(tdSrdS_a, tdKrdK);
+          cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+          if (++stage == Traits::kStages) {
+            stage = 0;
+            full_phase ^= 1;
           }
         }
       }

@@ -26,7 +26,7 @@ void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t 
   const int pre_blocks = blocks_for(static_cast<int64_t>(ws.accum_rows) * p.num_heads);
   const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads);
   bwd_preprocess_kernel<kHeadDim, Element><<<pre_blocks + 1, kPrePostThreads, 0, stream>>>(
-      bp, ws, ScheduleCapacity::make(p, bwd_schedule_config()));
+      bp, ws, ScheduleCapacity::make(p, bwd_schedule_config(bp.deterministic)));
   PREFIXLM_CUDA_CHECK(cudaGetLastError());
 
   auto gmem = [&](const void* ptr, int rows, int heads, RowHeadStrides s) {

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kPrePostThreads)
   constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
   const VarlenProblem& p = bp.p;
   if (blockIdx.x == 0) {
-    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(), schedule_capacity,
+    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(bp.deterministic), schedule_capacity,
                                           ws.schedule);
     return;
   }
