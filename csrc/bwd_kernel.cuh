@@ -459,6 +459,92 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
   }
 }
 
+// Stage "P": S^T (this warpgroup's keys x the block's queries, fp32) becomes
+// P^T = exp2(S^T * scale_log2 - LSE) in place, exactly 0 (by select) where the mask forbids
+// the pair or the query is at or past Lq. scores / coord: (keys, queries) views of the
+// accumulator and of its coordinates; lse: the block's LSE rows in shared memory.
+template <class Traits, class Scores, class Coord>
+__device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const float* lse,
+                                         const MaskInfo& mask, int m0, int n0,
+                                         float scale_log2) {
+  constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
+  if (m0 + Traits::kBlockM <= mask.len_q &&
+      mask.block_fully_allowed(m0, n0 + Traits::kBlockN)) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float row_lse = lse[get<1>(coord(0, c))];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < size<0>(scores); ++r) {
+        scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
+      }
+    }
+  } else {
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float row_lse = lse[get<1>(coord(0, c))];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < size<0>(scores); ++r) {
+        const int j = n0 + get<0>(coord(r, c));
+        const int i = m0 + get<1>(coord(r, c));
+        const float pv = exp2f(scores(r, c) * scale_log2 - row_lse);
+        scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
+      }
+    }
+  }
+}
+
+// Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T; P^T == 0 selects 0, so dP^T of keys
+// past Lk (V rows there are not zero-filled) never enters.
+// dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: the block's D
+// rows in shared memory.
+template <class DP, class P, class Coord>
+__device__ inline void bwd_ds(DP& dpt, const P& p, const Coord& coord, const float* dpsum) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int c = 0; c < size<1>(dpt); ++c) {
+    const float row_dpsum = dpsum[get<1>(coord(0, c))];
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < size<0>(dpt); ++r) {
+      const float pv = p(r, c);
+      dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - row_dpsum) : 0.f;
+    }
+  }
+}
+
+// Epilogue: dK (scaled) and dV of the tile's key rows below Lk (`rows`), summed over the
+// group's query heads, written as pairs. tdKrdK / tdVrdV: the (keys, D) accumulators of
+// this warpgroup's keys; tdKcdK: their coordinates in the (kBlockN, D) tile; key0: the
+// tile's first row of k.
+template <class Traits, class Acc, class Coord>
+__device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVrdV,
+                                     const Coord& tdKcdK, int64_t key0, int head_k, int rows) {
+  using Element = typename Traits::Element;
+  using Pair = cutlass::Array<Element, 2>;
+  Tensor dk_acc = make_tensor(tdKrdK.data(), accum_rowcol(tdKrdK.layout()));  // (keys, D)
+  Tensor dv_acc = make_tensor(tdVrdV.data(), accum_rowcol(tdVrdV.layout()));
+  Tensor coord = make_tensor(tdKcdK.data(), accum_rowcol(tdKcdK.layout()));
+  Element* dk_tile = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row +
+                     head_k * bp.dk_stride.head;
+  Element* dv_tile = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row +
+                     head_k * bp.dv_stride.head;
+  const float scale = bp.p.softmax_scale;
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < size<0>(dk_acc); ++r) {
+    const int row = get<0>(coord(r, 0));
+    if (row >= rows) continue;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(dk_acc); c += 2) {
+      const int col = get<1>(coord(r, c));
+      Pair k2, v2;
+      k2[0] = Element(dk_acc(r, c) * scale);
+      k2[1] = Element(dk_acc(r, c + 1) * scale);
+      v2[0] = Element(dv_acc(r, c));
+      v2[1] = Element(dv_acc(r, c + 1));
+      *reinterpret_cast<Pair*>(dk_tile + row * bp.dk_stride.row + col) = k2;
+      *reinterpret_cast<Pair*>(dv_tile + row * bp.dv_stride.row + col) = v2;
+    }
+  }
+}
+
 // Stores (add = false) or adds (add = true) this thread's dQ fragment, (rows, cols) of the
 // (M, D) block, into a dQ buffer (SmemLayoutdQ). The thread index is made opaque so the 16
 // swizzled offsets are derived here, per block: hoisted, they stayed live through the main
@@ -545,7 +631,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   Tensor scores = make_tensor(tSrS.data(), accum_rowcol(tSrS.layout()));    // (keys, queries)
   Tensor dpt = make_tensor(tdPrdP.data(), accum_rowcol(tdPrdP.layout()));   // (keys, queries)
   Tensor scores_coord = make_tensor(tScS.data(), accum_rowcol(tScS.layout()));
-  constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
   // P^T and dS^T in the input precision, laid out as register A operands.
   Tensor tPrP = make_tensor_like<Element>(tSrS);
   Tensor tPrP_a = make_tensor(tPrP.data(), accum_as_operand_a(tPrP.layout()));
@@ -592,8 +677,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           // out of the loop, the ~50 64-bit descriptors of the five products do not fit in
           // registers next to the dK and dV accumulators.
           typename Traits::SharedStorage& so = *opaque_pointer(&ss);
-          const float* lse_s = so.lse[stage];
-          const float* dpsum_s = so.dpsum[stage];
           Tensor oQ = make_tensor(make_smem_ptr(so.q.data()), typename Traits::SmemLayoutQ{});
           Tensor oQt = make_tensor(make_smem_ptr(so.q.data()), typename Traits::SmemLayoutQt{});
           Tensor odO = make_tensor(make_smem_ptr(so.dout.data()), typename Traits::SmemLayoutQ{});
@@ -626,6 +709,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           }();
           Tensor tdQrdS = get<0>(dq_operands);  // (MMA, MMA_M, MMA_K, kDsBuffers)
           Tensor tdQrK = get<1>(dq_operands);   // (MMA, MMA_N, MMA_K)
+          // Stage "load": Q, dO, LSE and D of the block landed (producer).
           cutlass::arch::ClusterTransactionBarrier::wait(&ss.qdo_full[stage], full_phase);
           if (m0 + kBlockM > mask.len_q) {
             // Queries past Lq: P and dS rows are exactly 0, but dV = P^T dO and
@@ -635,53 +719,25 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             cutlass::arch::fence_view_async_shared();
             bwd_consumers_sync();
           }
+          // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
           warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
           warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
           warpgroup_wait<1>();
           fence_after_wait(tSrK, tSrS);
 
-          // P^T, exactly 0 (by select) where the mask forbids the pair or the query is past Lq.
-          if (m0 + kBlockM <= mask.len_q && mask.block_fully_allowed(m0, n0 + kBlockN)) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kCols; ++c) {
-              const float lse = lse_s[get<1>(scores_coord(0, c))];
-              CUTLASS_PRAGMA_UNROLL
-              for (int r = 0; r < size<0>(scores); ++r) {
-                scores(r, c) = exp2f(scores(r, c) * params.scale_log2 - lse);
-              }
-            }
-          } else {
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kCols; ++c) {
-              const float lse = lse_s[get<1>(scores_coord(0, c))];
-              CUTLASS_PRAGMA_UNROLL
-              for (int r = 0; r < size<0>(scores); ++r) {
-                const int j = n0 + get<0>(scores_coord(r, c));
-                const int i = m0 + get<1>(scores_coord(r, c));
-                const float pv = exp2f(scores(r, c) * params.scale_log2 - lse);
-                scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
-              }
-            }
-          }
+          bwd_probabilities<Traits>(scores, scores_coord, so.lse[stage], mask, m0, n0,
+                                    params.scale_log2);
+          // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
           warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
 
           warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
           fence_after_wait(tSrV, tdPrdP);
-          // dS^T = P^T (dP^T - D); P^T == 0 selects 0, so dP^T of keys past Lk (V rows
-          // there are not zero-filled) never enters.
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
-            const float dpsum = dpsum_s[get<1>(scores_coord(0, c))];
-            CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < size<0>(dpt); ++r) {
-              const float pv = scores(r, c);
-              dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum) : 0.f;
-            }
-          }
+          bwd_ds(dpt, scores, scores_coord, so.dpsum[stage]);
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+          // Stage "dS hand-off": dS^T to shared memory for dQ = dS K.
           if constexpr (Traits::kDsBuffers == 1) {
             // The other warpgroup may still be multiplying the previous block's dS.
             wait_barrier(&ss.ds_free, ds_free_phase);
@@ -695,7 +751,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           } else {
             bwd_consumers_sync();  // both halves of dS are in smem
           }
-          // dQ before dK, so that dQ leaves registers for shared memory while dK runs.
+          // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
+          // dK += dS^T Q (dS^T from registers) runs.
           warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
           warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
           warpgroup_wait<1>();  // dV and dQ done; dK may still run
@@ -704,10 +761,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
           if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
 
-          // dQ (unscaled; the postprocess scales) to shared memory for the writer warp, once
-          // it has read the previous block out. Split keys: both warpgroups hold partial sums
-          // over their keys for the same (row, col) set; the second adds onto the first, after
-          // a handover barrier per dQ buffer (named barriers 4, 5). The warpgroups do not meet
+          // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
+          // writer, once it has read the previous block out. Split keys: both warpgroups hold
+          // partial sums over their keys for the same (row, col) set; the second adds onto the
+          // first, after a handover barrier per dQ buffer (named barriers 4, 5). The warpgroups do not meet
           // every block, so warpgroup 0 may arrive for the next block (other buffer) before
           // warpgroup 1 has synced for this one; on a single barrier those two arrivals would
           // complete it. It cannot arrive twice ahead on one buffer: that needs dq_empty of
@@ -740,32 +797,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
       cutlass::arch::ClusterBarrier::arrive(&ss.kv_empty);
     }
 
-    // Epilogue: dK (scaled) and dV of key rows < Lk, summed over the group's query heads.
-    Tensor dk_acc = make_tensor(tdKrdK.data(), accum_rowcol(tdKrdK.layout()));  // (keys, D)
-    Tensor dv_acc = make_tensor(tdVrdV.data(), accum_rowcol(tdVrdV.layout()));
-    Tensor dkv_coord = make_tensor(tdKcdK.data(), accum_rowcol(tdKcdK.layout()));
-    const int64_t key0 = static_cast<int64_t>(rec.k_start) + n0;
-    Element* dk_tile = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row +
-                       head_k * bp.dk_stride.head;
-    Element* dv_tile = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row +
-                       head_k * bp.dv_stride.head;
-    using Pair = cutlass::Array<Element, 2>;
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < size<0>(dk_acc); ++r) {
-      const int row = get<0>(dkv_coord(r, 0));
-      if (n0 + row >= mask.len_k) continue;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(dk_acc); c += 2) {
-        const int col = get<1>(dkv_coord(r, c));
-        Pair k2, v2;
-        k2[0] = Element(dk_acc(r, c) * p.softmax_scale);
-        k2[1] = Element(dk_acc(r, c + 1) * p.softmax_scale);
-        v2[0] = Element(dv_acc(r, c));
-        v2[1] = Element(dv_acc(r, c + 1));
-        *reinterpret_cast<Pair*>(dk_tile + row * bp.dk_stride.row + col) = k2;
-        *reinterpret_cast<Pair*>(dv_tile + row * bp.dv_stride.row + col) = v2;
-      }
-    }
+    bwd_store_dkv<Traits>(bp, tdKrdK, tdVrdV, tdKcdK, rec.k_start + int64_t{n0}, head_k,
+                          mask.len_k - n0);
   }
 }
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
+padded PrefixLM batches at D=64 and D=128, GQA and Lq != Lk included, plus a batch whose
+cu_seqlens decrease. Run it under each tool, e.g.
+
+    compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
+    compute-sanitizer --tool synccheck python3 tools/sanitize_workload.py
+    compute-sanitizer --tool memcheck python3 tools/sanitize_workload.py
+
+Small sizes on purpose: the tools slow kernels down by orders of magnitude.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import packed_batch  # noqa: E402
+
+import prefixlm_fa3  # noqa: E402,F401  (registers the ops)
+
+
+def run(b, deterministic):
+    scale = b.q.shape[-1] ** -0.5
+    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(scale))
+    grads = torch.ops.prefixlm.varlen_bwd(torch.randn_like(b.q), b.q, b.k, b.v, out, lse,
+                                          *b.op_args(scale), deterministic)
+    torch.cuda.synchronize()
+    return out, grads
+
+
+def main():
+    batches = []
+    for d in (64, 128):
+        batches.append(packed_batch([130, 7, 200], pad_q=[3, 0, 9], tail_q=5, prefix=[40, 7, 300],
+                                    heads=4, heads_k=2, head_dim=d, device="cuda", seed=d))
+        batches.append(packed_batch([70, 150], [190, 33], pad_q=[1, 2], pad_k=[4, 0], tail_q=2,
+                                    tail_k=6, causal=True, heads=2, head_dim=d, device="cuda",
+                                    seed=d + 1))
+    for b in batches:
+        for det in (False, True):
+            run(b, det)
+    # Decreasing cu_seqlens: overlapping slots (clamped, never out of bounds).
+    for d in (64, 128):
+        q, k, v = (0.1 * torch.randn(300, 2, d, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        cu = torch.tensor([0, 200, 50, 300], dtype=torch.int32, device="cuda")
+        args = (cu, cu, None, None, None, 300, 300, d ** -0.5, True)
+        out, lse = torch.ops.prefixlm.varlen_fwd(q, k, v, *args)
+        for det in (False, True):
+            torch.ops.prefixlm.varlen_bwd(torch.randn_like(q), q, k, v, out, lse, *args, det)
+    torch.cuda.synchronize()
+    print(f"sanitize workload: {len(batches) * 2 + 4} backward calls done")
+
+
+if __name__ == "__main__":
+    main()
