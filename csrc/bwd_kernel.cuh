@@ -57,7 +57,7 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBwdBlockM;  // query rows per inner step
   static constexpr int kBlockN = kBwdBlockN;  // key rows per tile
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // D = 128: each warpgroup computes dQ for half of the head dim over all 128 keys.
@@ -101,6 +101,11 @@ struct BwdTraits {
   // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
   static constexpr int kDqBuffers = 2;
+  // Split keys: each warpgroup hands over its own partial dQ (a slice) and the writer adds
+  // both (two bulk reductions: no meeting of the warpgroups and no shared-memory add on their
+  // path, +7% over one summed slice). Deterministic mode sums the slices in shared memory
+  // instead: two ordered reductions would double the latency of each dQ turn (-15-20%).
+  static constexpr int kDqSlices = kDqSplitKeys ? 2 : 1;
   // dS buffers. D = 128 keeps one (two fit since v10 but measured 2-3% slower): a warpgroup
   // waits (ds_free) until both have finished the previous block's dQ product before it
   // overwrites dS. D = 64 splits the keys, so each
@@ -154,7 +159,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // SmemLayoutdQ
+    alignas(128) float dq[kDqBuffers][kDqSlices][kBlockM * kHeadDim];  // SmemLayoutdQ
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
     alignas(16) float lse[kStages][kBlockM];
@@ -404,7 +409,11 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       asm volatile("fence.proxy.async.global;" ::: "memory");  // the add comes after the wait
     }
     wait_barrier(&ss.dq_full[buffer], full_phase);
-    bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer], Traits::kDqBlockBytes);
+    const int slices = params.bp.deterministic ? 1 : Traits::kDqSlices;  // see kDqSlices
+    for (int slice = 0; slice < slices; ++slice) {
+      bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer][slice],
+                          Traits::kDqBlockBytes);
+    }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     if (sem != nullptr) {
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the add is done
@@ -762,21 +771,25 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
 
           // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
-          // writer, once it has read the previous block out. Split keys: both warpgroups hold
-          // partial sums over their keys for the same (row, col) set; the second adds onto the
-          // first, after a handover barrier per dQ buffer (named barriers 4, 5). The warpgroups do not meet
-          // every block, so warpgroup 0 may arrive for the next block (other buffer) before
-          // warpgroup 1 has synced for this one; on a single barrier those two arrivals would
-          // complete it. It cannot arrive twice ahead on one buffer: that needs dq_empty of
-          // this block, which needs warpgroup 1's dq_full arrival below.
+          // writer, once it has read the previous block out. Split keys: each warpgroup holds
+          // partial sums over its keys for the same (row, col) set and stores them to its own
+          // slice; in deterministic mode the second adds onto the first's slice instead (see
+          // kDqSlices), after a handover barrier per dQ buffer (named barriers 4, 5). The
+          // warpgroups do not meet every block, so warpgroup 0 may arrive for the next block
+          // (other buffer) before warpgroup 1 has synced for this one; on a single barrier
+          // those two arrivals would complete it. It cannot arrive twice ahead on one buffer:
+          // that needs dq_empty of this block, which needs warpgroup 1's dq_full arrival below.
           wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-          const bool add_to_smem = Traits::kDqSplitKeys && wg == 1;
-          if constexpr (Traits::kDqSplitKeys) {
-            if (add_to_smem) cutlass::arch::NamedBarrier::sync(256, 4 + dq_buffer);
-          }
-          bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], dq_thread, add_to_smem);
-          if constexpr (Traits::kDqSplitKeys) {
-            if (!add_to_smem) cutlass::arch::NamedBarrier::arrive(256, 4 + dq_buffer);
+          // Two call sites, so that the common one compiles with add = false (one shared
+          // runtime path measured 7% slower at D=64: its swizzled offsets were recomputed
+          // store by store).
+          if (Traits::kDqSplitKeys && bp.deterministic) {
+            if (wg == 1) cutlass::arch::NamedBarrier::sync(256, 4 + dq_buffer);
+            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer][0], dq_thread, wg == 1);
+            if (wg == 0) cutlass::arch::NamedBarrier::arrive(256, 4 + dq_buffer);
+          } else {
+            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer][Traits::kDqSplitKeys ? wg : 0],
+                                 dq_thread, false);
           }
           cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
           cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
