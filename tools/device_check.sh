@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device call that checks a built wheel on the GPU: GPU tests, the three compute-sanitizer
+# tools over tools/sanitize_workload.py, and the benchmark (with FlashAttention-4 when staged).
+# Logs and results go to $OUT. Built here (CPU machine) first:
+#   MAX_JOBS=2 python3 -m pip wheel --no-build-isolation --no-deps -w .whl .
+# and carried with the call (.whl, git-ignored via .git/info/exclude). FA4 takes two calls,
+# see benchmarks/README.md: `STAGE=1` in the first (carry .stage) unpacks its libraries,
+# `FA4=1` in the second (carry .fa4whl) installs the rest. PARTS picks what runs
+# (default "tests sanitize bench"); BENCH_ARGS is passed to benchmarks/bench.py.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+PARTS=${PARTS:-tests sanitize bench}
+if [ "${STAGE:-0}" = 1 ]; then
+  (mkdir -p /tmp/fa4 && tar xJf .stage/libs_cu13.tar.xz -C /tmp/fa4 && touch /tmp/fa4/.unpacked) &
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+# The extension goes into the source package: run from the repository root, it comes first.
+python3 - <<'PY' || exit 1
+import glob, zipfile
+wheel = sorted(glob.glob(".whl/*.whl"))[-1]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.endswith(".so"):
+            open("prefixlm_fa3/" + name.rsplit("/", 1)[-1], "wb").write(z.read(name))
+print("extension from", wheel)
+PY
+for part in $PARTS; do
+  case $part in
+    tests)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/tests.log" 2>&1
+      echo "gpu tests rc $?: $(tail -1 "$OUT/tests.log")" ;;
+    sanitize)
+      for tool in memcheck synccheck racecheck; do
+        extra=""; [ $tool = racecheck ] && extra="--racecheck-report hazard"
+        timeout 170 compute-sanitizer --tool $tool $extra --print-limit 20 \
+          python3 tools/sanitize_workload.py > "$OUT/sanitize_$tool.log" 2>&1
+        echo "$tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+      done ;;
+    bench)
+      if [ "${FA4:-0}" = 1 ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/fa4w .fa4whl/*.whl &&
+          cp -a /tmp/fa4w/. /tmp/fa4/ && export EXTRA_SITE=/tmp/fa4
+      fi
+      FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 timeout 540 python3 benchmarks/bench.py \
+        --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+      echo "bench rc $?"; grep -v '^\s*$' "$OUT/bench.log" | tail -45 ;;
+  esac
+done
+wait
