@@ -74,18 +74,21 @@ def case_varlen(batch: Batch, inp: Inputs) -> Varlen:
                   batch.causal, inp.prefix)
 
 
-class _KeepGradRows(torch.autograd.Function):
-    """Identity forward; the backward zeroes the gradient in the rows ``outside`` marks."""
+class FillGradRows(torch.autograd.Function):
+    """Identity forward; the backward sets the gradient to ``value`` in the rows ``outside``
+    marks (0: keep a pass's gradient to its own rows; NaN: model a kernel that leaves them
+    unwritten)."""
 
     @staticmethod
-    def forward(ctx, x, outside):
+    def forward(ctx, x, outside, value):
         ctx.save_for_backward(outside)
+        ctx.value = value
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0), None
+        return grad.masked_fill(outside, ctx.value), None, None
 
 
 def two_pass(batch: Batch, inp: Inputs, varlen: VarlenFn, keep_grad_rows: bool) -> Callable:
@@ -117,7 +120,9 @@ def two_pass(batch: Batch, inp: Inputs, varlen: VarlenFn, keep_grad_rows: bool) 
     resp = torch.from_numpy(batch.response_rows()).to(dev)[:, None, None]
     outside_prefix = ~torch.from_numpy(batch.prefix_rows()).to(dev)[:, None, None]
     outside_resp = ~resp
-    keep = _KeepGradRows.apply if keep_grad_rows else lambda x, outside: x
+
+    def keep(x, outside):
+        return FillGradRows.apply(x, outside, 0.0) if keep_grad_rows else x
 
     def attend(q, k, v):
         out1 = varlen(*(keep(x, outside_prefix) for x in (q, k, v)), first, inp.scale)

@@ -141,25 +141,15 @@ def test_two_pass_baseline_computes_the_single_pass(monkeypatch):
     assert len(calls) == 4  # fwd and fwd+bwd of each variant were run by the timer
 
 
-class _PoisonGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, outside):
-        ctx.save_for_backward(outside)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, float("nan")), None
-
-
 def _leaves_rows_unwritten(q, k, v, m: peers.Varlen, scale: float):
     """The reference op, but like FA4 it leaves every row outside seqused unwritten (NaN
     here) in out, dq, dk and dv."""
     real_q, real_k = real_rows(slots(m.cu_seqlens_q, m.cu_seqlens_k, m.seqused_q, m.seqused_k, None,
                                      q.shape[0], k.shape[0]), q.shape[0], k.shape[0])
     outside_q, outside_k = ~real_q[:, None, None], ~real_k[:, None, None]
-    q, k, v = _PoisonGrad.apply(q, outside_q), _PoisonGrad.apply(k, outside_k), _PoisonGrad.apply(v, outside_k)
+    nan = float("nan")
+    q, k, v = (peers.FillGradRows.apply(q, outside_q, nan), peers.FillGradRows.apply(k, outside_k, nan),
+               peers.FillGradRows.apply(v, outside_k, nan))
     return peers.Ours.varlen(q, k, v, m, scale).masked_fill(outside_q, float("nan"))
 
 
