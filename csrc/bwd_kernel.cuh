@@ -8,8 +8,9 @@
 //   dP^T = V dO^T, dS^T = P^T * (dP^T - D)                        (D = rowsum(dO * O))
 //   dV += P^T dO,  dK += dS^T Q                                    (P^T, dS^T from registers)
 //   dQ  = dS K     dS through shared memory; dQ (fp32) to shared memory, from where the
-//                  dQ writer warp adds it to the fp32 accumulator in global memory with bulk
-//                  asynchronous reductions, so the compute warpgroups never wait on them
+//                  dQ writer adds the whole block to the fp32 accumulator in global memory
+//                  with one bulk asynchronous reduction (two for D=64, see kDqSlices), so
+//                  the compute warpgroups never wait on them
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
@@ -44,7 +45,7 @@ namespace prefixlm {
 
 using namespace cute;
 
-// One query block's dQ, described by the producer warp for the dQ writer warp.
+// One query block's dQ, described by the producer warp for the dQ writer.
 struct DqJob {
   int64_t offset;  // float offset of the block in the accumulator; < 0 ends the writer
   int semaphore;   // deterministic mode: index into dq_semaphore, else -1
