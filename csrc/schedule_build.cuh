@@ -94,22 +94,30 @@ __device__ void build_schedule_block(const VarlenProblem& p, const ScheduleConfi
     running.zero += chunk_total.zero;
   }
 
-  q_decreases = __syncthreads_or(q_decreases);
-  // Tail rows after the last slot: [cu_seqlens[B], total).
+  q_decreases = __syncthreads_or(q_decreases);  // also: every slot's records are written
   if (threadIdx.x == 0) {
-    int zslot = running.zero;
+    const int tail_q = clamp_int(p.cu_seqlens_q[p.batch], 0, p.total_q);
+    const int tail_k = clamp_int(p.cu_seqlens_k[p.batch], 0, p.total_k);
+    const int tail_records = (c.zero_q ? ceil_div_dev(p.total_q - tail_q, c.zero_rows) : 0) +
+                             (c.zero_k ? ceil_div_dev(p.total_k - tail_k, c.zero_rows) : 0);
+    // The capacity holds every record of slots that do not overlap. Decreasing cu_seqlens
+    // make slots overlap and can need more; rather than drop records (their rows would be
+    // left unwritten), the schedule then holds no blocks and zero records over every row, so
+    // every output is written, as zeros (the validation mode rejects such metadata).
+    const bool overflow =
+        running.blocks > cap.blocks || running.zero + tail_records > cap.zero;
+    int zslot = overflow ? 0 : running.zero;
+    // Tail rows after the last slot, [cu_seqlens[B], total); with overflow every row.
     if (c.zero_q) {
-      int tail = clamp_int(p.cu_seqlens_q[p.batch], 0, p.total_q);
-      emit_zero_range(zero_records, zslot, cap.zero, kRecordZeroQ, tail, p.total_q,
-                      c.zero_rows);
+      emit_zero_range(zero_records, zslot, cap.zero, kRecordZeroQ, overflow ? 0 : tail_q,
+                      p.total_q, c.zero_rows);
     }
     if (c.zero_k) {
-      int tail = clamp_int(p.cu_seqlens_k[p.batch], 0, p.total_k);
-      emit_zero_range(zero_records, zslot, cap.zero, kRecordZeroK, tail, p.total_k,
-                      c.zero_rows);
+      emit_zero_range(zero_records, zslot, cap.zero, kRecordZeroK, overflow ? 0 : tail_k,
+                      p.total_k, c.zero_rows);
     }
-    counts->num_blocks = running.blocks < cap.blocks ? running.blocks : cap.blocks;
-    counts->num_zero = zslot < cap.zero ? zslot : cap.zero;
+    counts->num_blocks = overflow ? 0 : running.blocks;
+    counts->num_zero = zslot;
     counts->zero_offset = cap.blocks;
     counts->tile_counter = 0;
     counts->q_slots_ordered = !q_decreases;

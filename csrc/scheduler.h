@@ -56,8 +56,9 @@ struct ScheduleConfig {
   bool zero_k;      // emit zero records for the key-side padding
 };
 
-// Capacities for a workspace, from host-known sizes only. Records that would not fit
-// (possible only with inconsistent metadata) are dropped rather than written out of bounds.
+// Capacities for a workspace, from host-known sizes only: enough for slots that do not
+// overlap. Overlapping slots (decreasing cu_seqlens) that need more get a schedule of zero
+// records over every row instead (schedule_build.cuh): nothing out of bounds, nothing unwritten.
 struct ScheduleCapacity {
   int blocks;
   int zero;

@@ -179,6 +179,26 @@ def test_decreasing_cu_seqlens_finish_without_nan(cu, head_dim, deterministic):
         assert not t.isnan().any(), name
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_overlapping_slots_beyond_capacity_write_zeros(head_dim, deterministic):
+    """Slots [0, 1000) and again [0, 1000) need more work records than a workspace sized for
+    disjoint slots holds: rather than leave rows unwritten, both ops write every row, as
+    zeros (LSE -inf), on allocations full of NaN."""
+    total, heads = 1000, 2
+    q, k, v, dout = (torch.randn(total, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+                     for _ in range(4))
+    cu = torch.tensor([0, total, 0, total], dtype=torch.int32, device=DEVICE)
+    meta = (cu, cu, None, None, None, total, total, head_dim ** -0.5, True)
+    fill_cuda_allocator_with_nan()
+    out, lse = torch.ops.prefixlm.varlen_fwd(q, k, v, *meta)
+    fill_cuda_allocator_with_nan()
+    grads = torch.ops.prefixlm.varlen_bwd(dout, q, k, v, out, lse, *meta, deterministic)
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert torch.equal(t, torch.zeros_like(t)), name
+
+
 def _dropin(prefix, causal, heads, head_dim, tail=0):
     """HRM-Text style inputs: arrays padded with zeros to capacity len(prefix) + 2."""
     lengths = [p + c for p, c in zip(prefix, causal)]
