@@ -310,7 +310,8 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   // Deterministic mode: semaphores per (head, accumulator block), unique per (slot, query
   // block) when slot starts do not decrease; otherwise slots overlap (the result is
   // meaningless anyway) and the adds go unordered, so that no turn can be waited for forever.
-  const bool ordered = params.bp.deterministic && schedule_counts(params.ws.schedule)->q_slots_ordered;
+  const bool ordered =
+      params.bp.deterministic && schedule_counts(params.ws.schedule)->q_slots_ordered;
   const int accum_rows = params.ws.accum_rows;
   for (int k = 0;; ++k) {
     // Tiles are taken in list order, also in deterministic mode: a tile whose dQ turn another

@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kPrePostThreads)
   constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
   const VarlenProblem& p = bp.p;
   if (blockIdx.x == 0) {
-    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(bp.deterministic), schedule_capacity,
-                                          ws.schedule);
+    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(bp.deterministic),
+                                          schedule_capacity, ws.schedule);
     return;
   }
   // CTAs 1 .. gridDim.x - 1 cover the (accumulator row, head) groups.
@@ -133,8 +133,9 @@ __global__ void __launch_bounds__(kPrePostThreads)
     // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
     // lane ^ (row % 8) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
     const int chunk = lane ^ (arow % 8);
-    const float4* acc = reinterpret_cast<const float4*>(
-        ws.dq_accum + (static_cast<int64_t>(head) * ws.accum_rows + arow) * kHeadDim + chunk * kVec);
+    const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
+    const float4* acc =
+        reinterpret_cast<const float4*>(ws.dq_accum + at * kHeadDim + chunk * kVec);
     a = acc[0];
     b = acc[1];
   }
