@@ -14,7 +14,7 @@
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
-// Q and dO per query block through a 2-stage pipeline, with that block's LSE and D as bulk
+// Q and dO per query block through a kStages pipeline, with that block's LSE and D as bulk
 // copies on the same barrier) and the dQ writer (one thread of warp 1); warpgroups 1 and 2
 // compute. Work comes from the schedule (built by the preprocess's first CTA): key-block
 // tiles, then chunks of padding rows of k whose dK and dV are written as zeros inside this
@@ -49,7 +49,7 @@ using namespace cute;
 struct DqJob {
   int64_t offset;  // float offset of the block in the accumulator; < 0 ends the writer
   int semaphore;   // deterministic mode: index into dq_semaphore, else -1
-  int turn;        // deterministic mode: add when the semaphore equals this (the key block)
+  int turn;        // deterministic mode: add when the semaphore equals this (dq_turn)
 };
 
 template <int kHeadDim_, class Element_>
@@ -58,6 +58,8 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBwdBlockM;  // query rows per inner step
   static constexpr int kBlockN = kBwdBlockN;  // key rows per tile
+  // Q/dO stages: D = 128 has room for two; D = 64 takes three (measured alone within noise,
+  // kept with the dQ slices it was measured with, v12 in docs/bwd-notes.md).
   static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
@@ -87,7 +89,6 @@ struct BwdTraits {
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kDqN>, Int<kDqK>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
       conditional_t<kDqSplitKeys, Layout<Shape<_1, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
-  static constexpr int kDqThreads = kDqSplitKeys ? 128 : 256;
   // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
   // permuted by chunk ^ (r % 8): the 8 rows an accumulator fragment store spans land on
   // different banks, and the block is one contiguous range, added to the accumulator (which
@@ -107,10 +108,10 @@ struct BwdTraits {
   // path, +7% over one summed slice). Deterministic mode sums the slices in shared memory
   // instead: two ordered reductions would double the latency of each dQ turn (-15-20%).
   static constexpr int kDqSlices = kDqSplitKeys ? 2 : 1;
-  // dS buffers. D = 128 keeps one (two fit since v10 but measured 2-3% slower): a warpgroup
-  // waits (ds_free) until both have finished the previous block's dQ product before it
-  // overwrites dS. D = 64 splits the keys, so each
-  // warpgroup reads only its own dS columns; two buffers spare it that wait.
+  // dS buffers. D = 128 keeps one (two fit since v10: 2-3% slower there, within noise at
+  // v12): a warpgroup waits (ds_free) until both have finished the previous block's dQ
+  // product before it overwrites dS. D = 64 splits the keys, so each warpgroup reads only
+  // its own dS columns; two buffers spare it that wait.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
   static_assert(kDsBuffers == 2 || !kDqSplitKeys, "one dS buffer is synchronised for split D");
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
