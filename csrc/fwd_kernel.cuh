@@ -92,6 +92,7 @@ struct FwdTraits {
     alignas(8) uint64_t q_full[kQBuffers];   // TMA of Q landed
     alignas(8) uint64_t q_empty[kQBuffers];  // consumers are done reading Q
     typename Handoff::SharedStorage handoff;
+    float2 softmax_pin[kConsumerThreads];  // written, never read: see fwd_consumer
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };
@@ -370,6 +371,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         fence_after_wait(tSrQ_buf, tSrS);
         pipeline_k.consumer_release(read_state);
         softmax_block(n, rescale);
+        // ptxas hoists a wgmma wait to the top of its basic block, which put the whole softmax
+        // after the P V product. A shared-memory store stays before the wait, and this one
+        // needs every row's sum, so the softmax stays under the product (tests/test_sass.py).
+        ss.softmax_pin[thread] = make_float2(softmax.row_sum[0], softmax.row_sum[kRows - 1]);
         warpgroup_wait<0>();
         fence_after_wait(tOrP_a, tOrO);
         pipeline_v.consumer_release(v_state);

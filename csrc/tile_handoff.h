@@ -57,7 +57,10 @@ struct TileHandoff {
     wait_barrier(&s.full[slot], (k / kRing) & 1);
     const int item = s.tile[slot];
     cutlass::arch::ClusterBarrier::arrive(&s.empty[slot]);
-    return item;
+    // Every lane read the same value; the broadcast tells ptxas so, and what derives from the
+    // item (descriptors, addresses) needs fewer register-to-uniform moves (99 -> 74 R2UR in
+    // the D=128 forward).
+    return __shfl_sync(0xffffffff, item, 0);
   }
 };
 

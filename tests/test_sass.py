@@ -1,0 +1,115 @@
+"""Guards on the machine code of the built extension (CPU only: reads the cubins, runs nothing).
+
+The forward's speed rests on a schedule ptxas is free to undo: the softmax of key block n
+(every exp2, on the MUFU unit) must run between the wait for S = Q K^T of block n and the wait
+for O += P V of block n+1, so the tensor cores work on P V while the softmax runs. ptxas hoists
+a wgmma wait to the top of its basic block unless something pins it (csrc/fwd_kernel.cuh,
+`softmax_pin`); a compiler that silently drops that overlap must fail here. Local memory
+(spills, stack arrays) is checked for every kernel.
+
+Needs the built extension, and cuobjdump with nvdisasm beside it (CUDA toolkit, or the pip
+packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which the README's set-up installs).
+Skipped when either is missing, except under CI=true, where both must be present.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "prefixlm_fa3"
+
+
+def _require(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required under CI")
+    pytest.skip(f"{what} not available")
+
+
+def _cuobjdump() -> str:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia.cu13  # pip: nvidia-cuda-cuobjdump
+    except ImportError:
+        _require("cuobjdump")
+    for root in nvidia.cu13.__path__:
+        path = os.path.join(root, "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    _require("cuobjdump")
+
+
+@pytest.fixture(scope="module")
+def sass() -> dict[str, list[tuple[int, str]]]:
+    """Kernel name -> [(address, instruction)] for every kernel of the built extension."""
+    libs = sorted(glob.glob(str(PACKAGE / "_C*.so")))
+    if not libs:
+        _require("the built extension")
+    tool = _cuobjdump()
+    # cuobjdump runs nvdisasm, which the pip packages install into the same folder.
+    env = {**os.environ, "PATH": os.path.dirname(tool) + os.pathsep + os.environ.get("PATH", "")}
+    text = subprocess.run([tool, "-sass", libs[-1]], check=True, capture_output=True, text=True,
+                          env=env).stdout
+    kernels: dict[str, list[tuple[int, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = kernels.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2)))
+    return kernels
+
+
+def _forward_kernels(sass):
+    names = [n for n in sass if "fwd_kernel" in n]
+    assert len(names) >= 4, f"expected the 4 forward instantiations, found {names}"
+    return names
+
+
+def _main_loop(code: list[tuple[int, str]]) -> tuple[list[str], list[str]]:
+    """The instructions of the forward's steady-state loop, split at the wait for the P V
+    product: (from the wait for S to the wait for P V, from there to the loop's back branch).
+    The loop is the one block with two wgmma batches in flight, i.e. one `DEPBAR.LE gsb0, 0x1`."""
+    partial = [i for i, (_, ins) in enumerate(code) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in ins]
+    assert len(partial) == 1, f"expected one wait with a product still in flight, got {len(partial)}"
+    start = partial[0]
+    full = next(i for i in range(start, len(code)) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in code[i][1])
+    start_address = code[start][0]
+    end = None
+    for i in range(full, len(code)):
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", code[i][1])
+        if m and int(m.group(1), 16) < start_address:
+            end = i
+            break
+    assert end is not None, "no back branch after the main loop's waits"
+    return ([ins for _, ins in code[start:full]], [ins for _, ins in code[full:end + 1]])
+
+
+def test_forward_softmax_runs_under_the_pv_product(sass):
+    for name in _forward_kernels(sass):
+        under_pv, after_pv = _main_loop(sass[name])
+        exps_under = sum("MUFU.EX2" in ins for ins in under_pv)
+        exps_after = sum("MUFU.EX2" in ins for ins in after_pv)
+        # 64 x 128 scores per warpgroup: 64 exponentials per thread, plus one per row for the
+        # rescale factor.
+        assert exps_under >= 64 and exps_after == 0, (
+            f"{name}: {exps_under} exp2 between the S and P V waits, {exps_after} after the P V "
+            "wait: the softmax no longer overlaps the P V product")
+
+
+def test_no_local_memory(sass):
+    assert sass, "no kernels found in the extension"
+    for name, code in sass.items():
+        local = [ins for _, ins in code if re.match(r"(@!?U?P\w+ )?(LDL|STL)\b", ins)]
+        assert not local, f"{name} uses local memory (spills or stack arrays): {local[:3]}"
