@@ -33,12 +33,18 @@ template <int kHeadDim_, class Element_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
+  // One consumer warpgroup per 64 query rows. D=64 runs three (192 rows): its products are
+  // half as long as D=128's, and a third warpgroup keeps the tensor cores fed while the other
+  // two run their softmax; the registers still fit (S 64 + P 32 + O 32 of 160).
+  static constexpr int kBlockM = kHeadDim <= 64 ? 192 : 128;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
   static constexpr int kQBuffers = 2;
-  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  // setmaxnreg split of the 64K registers: the producer warpgroup keeps 24.
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // Rows per zero record: a chunk of padding rows, written for every head.
@@ -108,20 +114,26 @@ struct FwdKernelParams {
   float scale_log2;
 };
 
-// Named barriers 1 and 2: one per consumer warpgroup (0 is __syncthreads).
-__device__ inline void warpgroup_sync(int consumer_wg) {
-  cutlass::arch::NamedBarrier::sync(128, 1 + consumer_wg);
+// Named barriers (user ids; CUTLASS offsets them past its reserved ones): 0 .. N-1 for the
+// turns below, N for all consumer threads.
+template <int kWarpgroups>
+__device__ inline void consumers_sync() {
+  cutlass::arch::NamedBarrier::sync(128 * kWarpgroups, kWarpgroups);
 }
 
-// Ping-pong between the two consumer warpgroups (named barriers 3 and 4): a warpgroup issues
-// its wgmma batch only after the other one has issued its own, so the tensor cores work for
-// one warpgroup while the other runs its softmax. Both warpgroups walk the same key blocks of
-// the same tile, so their turns always pair up.
+// Round-robin turns between the N consumer warpgroups (named barriers 0 .. N-1): a
+// warpgroup issues its wgmma batch only after the previous one has issued its own, so the
+// tensor cores work for one warpgroup while the others run their softmax. Every warpgroup walks
+// the same key blocks of the same tile, so the turns always line up. The last warpgroup's
+// first arrival opens warpgroup 0's first turn; warpgroup 0 consumes the last warpgroup's final
+// arrival after the last tile, so no barrier is left half-arrived at exit.
+template <int kWarpgroups>
 __device__ inline void wait_my_turn(int consumer_wg) {
-  cutlass::arch::NamedBarrier::sync(256, 3 + consumer_wg);
+  cutlass::arch::NamedBarrier::sync(256, consumer_wg);
 }
+template <int kWarpgroups>
 __device__ inline void pass_turn(int consumer_wg) {
-  cutlass::arch::NamedBarrier::arrive(256, 3 + (1 - consumer_wg));
+  cutlass::arch::NamedBarrier::arrive(256, (consumer_wg + 1) % kWarpgroups);
 }
 
 // Key-block range of one (query block) tile: [0, n_blocks).
@@ -212,18 +224,6 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
   }
 }
 
-// Zero-fills V rows [first_row, N) of one stage. They hold keys past Lk (padding, possibly
-// NaN, or the next slot) whose probabilities are exactly 0, but 0 * NaN is NaN.
-template <class Traits, class TensorV>
-__device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread_in_wg) {
-  using Element = typename Traits::Element;
-  const int count = (Traits::kBlockN - first_row) * Traits::kHeadDim;
-  for (int i = thread_in_wg; i < count; i += 128) {
-    sV_stage(first_row + i / Traits::kHeadDim, i % Traits::kHeadDim) = Element(0);
-  }
-  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before wgmma reads them
-}
-
 // Writes zeros to out and -inf to LSE for padding rows [row_begin, row_end), every head,
 // with kThreads threads.
 template <class Traits, int kThreads>
@@ -251,21 +251,67 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
   }
 }
 
+// Zero-fills V rows [first_row, kBlockN) of one stage, shared out over every consumer thread in
+// 16-byte stores. Those rows hold keys past Lk (padding, possibly NaN, or the next slot) whose
+// probabilities are exactly 0, but 0 * NaN is NaN. The 128-byte swizzle permutes 16-byte chunks
+// within a row, so a chunk of 8 elements stays contiguous.
+template <class Traits, class TensorV>
+__device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread) {
+  constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
+  const int count = (Traits::kBlockN - first_row) * kChunks;
+  for (int i = thread; i < count; i += Traits::kConsumerThreads) {
+    const int row = first_row + i / kChunks;
+    *reinterpret_cast<uint4*>(&sV_stage(row, (i % kChunks) * 8)) = make_uint4(0, 0, 0, 0);
+  }
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before wgmma reads them
+}
+
+// Epilogue of one tile: O / rowsum in the input precision and the LSE, real rows only
+// (padding rows belong to zero records).
+template <class Traits, class TensorO, class TensorC, int kRows>
+__device__ inline void fwd_store_tile(const FwdParams& fp, const WorkRecord& rec, int head,
+                                      TensorO const& acc_o, TensorC const& acc_o_coord,
+                                      const float (&inv_sum)[kRows], const float (&lse)[kRows]) {
+  using Element = typename Traits::Element;
+  const int m0 = rec.block * Traits::kBlockM;
+  const int64_t row_base = rec.q_start + m0;
+  Element* out_tile = static_cast<Element*>(fp.out) + row_base * fp.o_stride.row +
+                      head * fp.o_stride.head;
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int row = get<0>(acc_o_coord(r, 0));
+    if (m0 + row >= rec.len_q) continue;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(acc_o); c += 2) {
+      const int col = get<1>(acc_o_coord(r, c));
+      using Pair = cutlass::Array<Element, 2>;
+      Pair v;
+      v[0] = Element(acc_o(r, c) * inv_sum[r]);
+      v[1] = Element(acc_o(r, c + 1) * inv_sum[r]);
+      *reinterpret_cast<Pair*>(out_tile + row * fp.o_stride.row + col) = v;
+    }
+    if (get<1>(acc_o_coord(r, 0)) == 0) {
+      fp.softmax_lse[static_cast<int64_t>(head) * fp.p.total_q + row_base + row] = lse[r];
+    }
+  }
+}
+
+// One consumer warpgroup: 64 query rows of every tile it receives.
 template <class Traits>
 __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
                              typename Traits::PipelineKV& pipeline_v, int num_tiles) {
   using Element = typename Traits::Element;
+  using PipelineState = cutlass::PipelineState<Traits::kStages>;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
-  const FwdParams& fp = params.fp;
-  const VarlenProblem& p = fp.p;
+  constexpr int kWgs = Traits::kConsumerWarpgroups;
+  const VarlenProblem& p = params.fp.p;
   const WorkRecord* records = schedule_records(params.schedule);
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
   const int consumer_wg = thread / 128;
-  const int thread_in_wg = thread % 128;
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
@@ -279,7 +325,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors (MMA, MMA_M, MMA_K, buffers)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
-  // Accumulators: S (this thread's share of M x N) and O (of M x D), fp32.
+  // Accumulators: S (this thread's share of 64 x N) and O (of 64 x D), fp32.
   Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
   Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
   // (row, col) coordinates of every accumulator element inside the tile.
@@ -289,17 +335,17 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   Tensor scores_coord = make_tensor(tScS.data(), accum_rowcol(tScS.layout()));
   Tensor acc_o = make_tensor(tOrO.data(), accum_rowcol(tOrO.layout()));     // (rows, D)
   Tensor acc_o_coord = make_tensor(tOcO.data(), accum_rowcol(tOcO.layout()));
-  constexpr int kRows = decltype(size<0>(scores))::value;
+  constexpr int kRows = decltype(size<0>(scores))::value;  // 2: rows r and r + 8
   // P in the input precision, laid out as the register A operand of the PV product.
   Tensor tOrP = make_tensor_like<Element>(tSrS);
   Tensor tOrP_a = make_tensor(tOrP.data(), accum_as_operand_a(tOrP.layout()));
 
-  auto read_state = cutlass::PipelineState<Traits::kStages>();
-  if (consumer_wg == 1) pass_turn(consumer_wg);  // warpgroup 0 takes the first turn
+  PipelineState read_state;
+  if (consumer_wg == kWgs - 1) pass_turn<kWgs>(consumer_wg);  // warpgroup 0 takes the first turn
   int q_loads = 0;
-  Element* out = static_cast<Element*>(fp.out);
 
   for (int k = 0;; ++k) {
+    // Stage 0: the tile (query block, head) and its key-block range, last block first.
     const int tile = Traits::Handoff::receive(ss.handoff, k);
     if (tile >= num_tiles) break;
     const int head = tile / num_blocks;
@@ -315,8 +361,17 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full[q_buf],
                                                      (q_loads / Traits::kQBuffers) & 1);
       Tensor tSrQ_buf = tSrQ(_, _, _, q_buf);
-      // Scores of key block n -> probabilities P (fp32, in tSrS) and their 16-bit copy tOrP.
-      // Returns the factor by which O must be rescaled once the pending P V product lands.
+
+      // S = Q K^T of the block in `state` (issued, not waited for).
+      auto issue_s = [&](PipelineState state) {
+        warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, state.index()), tSrS);
+      };
+      // O += P V of the block in `state` (issued, not waited for).
+      auto issue_pv = [&](PipelineState state) {
+        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
+      };
+      // Mask and online softmax of key block n: S -> P (fp32, in tSrS); `rescale` is the
+      // factor O must take once the pending P V product has landed.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
         const int n0 = n * kBlockN;
         if (m0 + kBlockM > mask.len_q || !mask.block_fully_allowed(m0, n0 + kBlockN)) {
@@ -331,42 +386,52 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         }
         softmax.update(scores, rescale);
       };
+      // P to the input precision, as the A operand of the next P V product.
       auto convert_p = [&] {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
       };
-      // V of key block n is ready for wgmma. Only the first block visited can run past Lk.
-      auto wait_v = [&](cutlass::PipelineState<Traits::kStages> state, int n) {
-        pipeline_v.consumer_wait(state);
-        if ((n + 1) * kBlockN > mask.len_k) {
-          Tensor sV_stage = sV(_, _, state.index());
-          zero_v_rows<Traits>(sV_stage, mask.len_k - n * kBlockN, thread_in_wg);
-          warpgroup_sync(consumer_wg);
+      auto rescale_o = [&](const float (&rescale)[kRows]) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale[r];
         }
       };
       float rescale[kRows];
 
-      // Software pipeline inside the warpgroup: S of block n and O += P V of block n+1 are
-      // issued together, and the softmax of block n runs while the second product is still
-      // in flight (and while the other warpgroup's turn keeps the tensor cores busy).
+      // Stage 1: S and P of the first block visited (the last one: the only one that can
+      // reach past Lk).
       pipeline_k.consumer_wait(read_state);
-      wait_my_turn(consumer_wg);
-      warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, read_state.index()), tSrS);
-      pass_turn(consumer_wg);
+      wait_my_turn<kWgs>(consumer_wg);
+      issue_s(read_state);
+      pass_turn<kWgs>(consumer_wg);
       warpgroup_wait<0>();
       fence_after_wait(tSrQ_buf, tSrS);
       pipeline_k.consumer_release(read_state);
       softmax_block(n_blocks - 1, rescale);
       convert_p();
-      auto v_state = read_state;
+      PipelineState v_state = read_state;
       ++read_state;
+
+      // Stage 2: its V, with the rows past Lk zeroed once for the whole tile.
+      pipeline_v.consumer_wait(v_state);
+      if (n_blocks * kBlockN > mask.len_k) {
+        Tensor sV_stage = sV(_, _, v_state.index());  // (N, D)
+        zero_v_rows<Traits>(sV_stage, mask.len_k - (n_blocks - 1) * kBlockN, thread);
+        consumers_sync<kWgs>();
+      }
+
+      // Stage 3, the steady state: S of block n and O += P V of block n+1 issued together;
+      // the softmax of block n runs while P V is in flight (and while the other warpgroups'
+      // turns keep the tensor cores busy).
       for (int n = n_blocks - 2; n >= 0; --n) {
         pipeline_k.consumer_wait(read_state);
-        wait_v(v_state, n + 1);
-        wait_my_turn(consumer_wg);
-        warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, read_state.index()), tSrS);
-        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, v_state.index()), tOrO);
-        pass_turn(consumer_wg);
+        pipeline_v.consumer_wait(v_state);
+        wait_my_turn<kWgs>(consumer_wg);
+        issue_s(read_state);
+        issue_pv(v_state);
+        pass_turn<kWgs>(consumer_wg);
         warpgroup_wait<1>();
         fence_after_wait(tSrQ_buf, tSrS);
         pipeline_k.consumer_release(read_state);
@@ -378,19 +443,17 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         warpgroup_wait<0>();
         fence_after_wait(tOrP_a, tOrO);
         pipeline_v.consumer_release(v_state);
-        CUTLASS_PRAGMA_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= rescale[r];
-        }
+        rescale_o(rescale);
         convert_p();
         v_state = read_state;
         ++read_state;
       }
-      wait_v(v_state, 0);
-      wait_my_turn(consumer_wg);
-      warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, v_state.index()), tOrO);
-      pass_turn(consumer_wg);
+
+      // Stage 4: the last P V product; then Q's buffer is free for the tile after next.
+      pipeline_v.consumer_wait(v_state);
+      wait_my_turn<kWgs>(consumer_wg);
+      issue_pv(v_state);
+      pass_turn<kWgs>(consumer_wg);
       warpgroup_wait<0>();
       fence_after_wait(tOrP_a, tOrO);
       pipeline_v.consumer_release(v_state);
@@ -398,29 +461,12 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       ++q_loads;
     }
 
-    // Epilogue: real rows only; padding rows belong to zero records.
+    // Stage 5: normalise and write O and the LSE.
     float inv_sum[kRows], lse[kRows];
     softmax.finalize(inv_sum, lse, p.softmax_scale);
-    const int64_t row_base = rec.q_start + m0;
-    Element* out_tile = out + row_base * fp.o_stride.row + head * fp.o_stride.head;
-    CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int row = get<0>(acc_o_coord(r, 0));
-      if (m0 + row >= rec.len_q) continue;
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < size<1>(acc_o); c += 2) {
-        const int col = get<1>(acc_o_coord(r, c));
-        using Pair = cutlass::Array<Element, 2>;
-        Pair v;
-        v[0] = Element(acc_o(r, c) * inv_sum[r]);
-        v[1] = Element(acc_o(r, c + 1) * inv_sum[r]);
-        *reinterpret_cast<Pair*>(out_tile + row * fp.o_stride.row + col) = v;
-      }
-      if (get<1>(acc_o_coord(r, 0)) == 0) {
-        fp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row_base + row] = lse[r];
-      }
-    }
+    fwd_store_tile<Traits>(params.fp, rec, head, acc_o, acc_o_coord, inv_sum, lse);
   }
+  if (consumer_wg == 0) wait_my_turn<kWgs>(consumer_wg);
 }
 
 template <class Traits>
@@ -458,7 +504,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int num_tiles = counts->num_blocks * params.fp.p.num_heads;
 
   if (warpgroup == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<24>();
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (warp == 0) {
       fwd_producer<Traits>(params, ss, pipeline_k, pipeline_v, num_tiles);
     } else if (params.fp.zero_padding) {
@@ -471,7 +517,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
     }
   } else {
-    cutlass::arch::warpgroup_reg_alloc<240>();
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     fwd_consumer<Traits>(params, ss, pipeline_k, pipeline_v, num_tiles);
   }
 }

@@ -16,6 +16,9 @@ void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream)
   using Traits = FwdTraits<kHeadDim, Element>;
   const VarlenProblem& p = fp.p;
   const ScheduleConfig cfg = fwd_schedule_config(p);
+  if (cfg.block_rows != Traits::kBlockM) {
+    throw std::runtime_error("prefixlm_fa3: forward schedule and kernel disagree on kBlockM");
+  }
   build_schedule(p, cfg, ScheduleCapacity::make(p, cfg), workspace, stream);
 
   auto gmem = [&](const void* ptr, int rows, int heads, RowHeadStrides s) {

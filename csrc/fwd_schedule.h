@@ -5,11 +5,12 @@
 
 namespace prefixlm {
 
-// Query blocks of 128 rows (every forward instantiation uses kBlockM = 128); causal tiles
-// heaviest-first; padding rows of q / out / LSE zeroed in chunks of 64 rows.
+// Query blocks of FwdTraits::kBlockM rows (192 for D <= 64, 128 otherwise; fwd_launch.cuh
+// checks they agree); causal tiles heaviest-first; padding rows of q / out / LSE zeroed in
+// chunks of 64 rows.
 inline ScheduleConfig fwd_schedule_config(const VarlenProblem& p) {
   ScheduleConfig c;
-  c.block_rows = 128;
+  c.block_rows = p.head_dim <= 64 ? 192 : 128;
   c.key_blocks = false;
   c.reverse = p.causal;
   c.zero_rows = 64;
