@@ -16,13 +16,18 @@ int64_t fwd_workspace_bytes(const VarlenProblem& p) {
 void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
   const VarlenProblem& p = params.p;
   if (p.total_q == 0) return;  // nothing to write
+  const int block_rows = fwd_block_rows(p);
   switch (p.head_dim) {
     case 64:
-      return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t>(params, workspace, stream)
-                    : run_fwd_instance<64, cutlass::half_t>(params, workspace, stream);
+      if (block_rows == 192) {
+        return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 192>(params, workspace, stream)
+                      : run_fwd_instance<64, cutlass::half_t, 192>(params, workspace, stream);
+      }
+      return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 128>(params, workspace, stream)
+                    : run_fwd_instance<64, cutlass::half_t, 128>(params, workspace, stream);
     case 128:
-      return p.bf16 ? run_fwd_instance<128, cutlass::bfloat16_t>(params, workspace, stream)
-                    : run_fwd_instance<128, cutlass::half_t>(params, workspace, stream);
+      return p.bf16 ? run_fwd_instance<128, cutlass::bfloat16_t, 128>(params, workspace, stream)
+                    : run_fwd_instance<128, cutlass::half_t, 128>(params, workspace, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no forward kernel for head_dim=" +
                                   std::to_string(p.head_dim) + " (supported: 64, 128)");

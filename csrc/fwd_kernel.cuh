@@ -29,14 +29,15 @@ namespace prefixlm {
 
 using namespace cute;
 
-template <int kHeadDim_, class Element_>
+template <int kHeadDim_, class Element_, int kBlockM_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  // One consumer warpgroup per 64 query rows. D=64 runs three (192 rows): its products are
-  // half as long as D=128's, and a third warpgroup keeps the tensor cores fed while the other
-  // two run their softmax; the registers still fit (S 64 + P 32 + O 32 of 160).
-  static constexpr int kBlockM = kHeadDim <= 64 ? 192 : 128;
+  // One consumer warpgroup per 64 query rows: 128 or 192 (fwd_schedule.h picks). At D=64 the
+  // products are half as long as D=128's, and a third warpgroup keeps the tensor cores fed
+  // while the other two run their softmax; the registers still fit (S 64 + P 32 + O 32 of 160).
+  static constexpr int kBlockM = kBlockM_;
+  static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim <= 64), "unsupported tile");
   static constexpr int kBlockN = 128;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.

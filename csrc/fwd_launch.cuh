@@ -11,9 +11,9 @@
 
 namespace prefixlm {
 
-template <int kHeadDim, class Element>
+template <int kHeadDim, class Element, int kBlockM>
 void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream) {
-  using Traits = FwdTraits<kHeadDim, Element>;
+  using Traits = FwdTraits<kHeadDim, Element, kBlockM>;
   const VarlenProblem& p = fp.p;
   const ScheduleConfig cfg = fwd_schedule_config(p);
   if (cfg.block_rows != Traits::kBlockM) {

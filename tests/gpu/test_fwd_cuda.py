@@ -70,6 +70,19 @@ def test_forward_mixed_batch(mode, heads, heads_k, cross, head_dim, dtype):
     check_forward(b)
 
 
+@pytest.mark.parametrize("mode", ("causal", "prefixlm"))
+@pytest.mark.parametrize("lengths,rows", [((0, 1, 113, 239, 1023), 128),
+                                          ((1, 700, 1300, 2900, 4224), 192)])
+def test_forward_d64_causal_tile_heights(mode, lengths, rows):
+    """D=64 causal tiles are 192 query rows, 128 when the average slot holds at most 1024
+    rows (csrc/fwd_schedule.h): both heights against the reference."""
+    b = mixed_batch(rows + len(mode), mode, lengths=lengths, heads=4, heads_k=2, head_dim=64,
+                    device=DEVICE)
+    average_slot = b.q.shape[0] / (b.cu_seqlens_q.numel() - 1)
+    assert (average_slot <= 1024) == (rows == 128)
+    check_forward(b)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_between_sequences_issue_example(causal):
     """[q1 q1 PAD q2 q2 q2 PAD q3 PAD], cu_seqlens [0, 3, 7, 9], seqused [2, 3, 1]."""
