@@ -9,6 +9,7 @@ validation excepted), so both are CUDA-graph capturable and opaque to torch.comp
 from __future__ import annotations
 
 import torch
+from torch.utils import _python_dispatch
 
 from ._library import cuda_kernels_available, load_error
 from .reference import reference_bwd, reference_fwd
@@ -51,6 +52,17 @@ def _require_cuda_kernel(op_name: str) -> None:
         f"prefixlm_fa3: no CUDA kernel for prefixlm::varlen_{op_name} ({detail})")
 
 
+def _launch(q: torch.Tensor, launch) -> None:
+    """launch(stream) with q's device current, on that device's current stream (a raw
+    handle: torch.cuda.current_stream builds a Python object per call, several microseconds)."""
+    device = q.get_device()
+    if device == torch.cuda.current_device():
+        launch(torch._C._cuda_getCurrentRawStream(device))
+    else:
+        with torch.cuda.device(device):
+            launch(torch._C._cuda_getCurrentRawStream(device))
+
+
 # ---- forward ---------------------------------------------------------------------------
 
 
@@ -80,20 +92,22 @@ def _varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, p
                          prefix_lens, softmax_scale, causal)
 
 
-@torch.library.register_kernel("prefixlm::varlen_fwd", "cuda", lib=_lib)
 def _varlen_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                      max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     _require_cuda_kernel("fwd")
     out, lse = _like(q), _lse_buffer(q)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        # zero_padding=True: padding and tail rows of out / lse are written (0 / -inf) inside
-        # the kernel; only the benchmark turns it off, to measure its cost.
-        torch.ops.prefixlm_C.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                                 prefix_lens, out, lse, softmax_scale, causal, True, stream)
+    # zero_padding=True: padding and tail rows of out / lse are written (0 / -inf) inside the
+    # kernel; only the benchmark turns it off, to measure its cost.
+    _launch(q, lambda stream: torch.ops.prefixlm_C.fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, out, lse,
+        softmax_scale, causal, True, stream))
     return out, lse
+
+
+# Registered without the decorator, which returns None: direct calls (below) need the function.
+torch.library.register_kernel("prefixlm::varlen_fwd", "cuda", _varlen_fwd_cuda, lib=_lib)
 
 
 # ---- backward --------------------------------------------------------------------------
@@ -130,7 +144,6 @@ def _varlen_bwd_cpu(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
                          prefix_lens, softmax_scale, causal)
 
 
-@torch.library.register_kernel("prefixlm::varlen_bwd", "cuda", lib=_lib)
 def _varlen_bwd_cuda(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                      seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                      deterministic):
@@ -138,12 +151,44 @@ def _varlen_bwd_cuda(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k
                seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     _require_cuda_kernel("bwd")
     dq, dk, dv = _like(q), _like(k), _like(v)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        torch.ops.prefixlm_C.bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
-                                 seqused_q, seqused_k, prefix_lens, dq, dk, dv, softmax_scale,
-                                 causal, deterministic, True, stream)
+    _launch(q, lambda stream: torch.ops.prefixlm_C.bwd(
+        dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+        prefix_lens, dq, dk, dv, softmax_scale, causal, deterministic, True, stream))
     return dq, dk, dv
+
+
+torch.library.register_kernel("prefixlm::varlen_bwd", "cuda", _varlen_bwd_cuda, lib=_lib)
+
+
+# ---- direct calls -----------------------------------------------------------------------
+
+
+def direct_call_allowed(q: torch.Tensor) -> bool:
+    """True when the public function may call the CUDA kernels above without the dispatcher.
+
+    Each pass through the dispatcher into a Python kernel costs tens of microseconds of host
+    time (H100 host: 136 us for varlen_fwd, 31 us of which is the extension itself), which is
+    more than a short forward takes on the GPU. The detour changes nothing observable only for
+    plain CUDA tensors outside torch.compile's tracing and outside any TorchDispatchMode (fake
+    tensors, FLOP counters, ...), which must see the op."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it and never reads the rest
+        return False
+    return (type(q) is torch.Tensor and q.is_cuda
+            and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+def varlen_fwd(*args):
+    """torch.ops.prefixlm.varlen_fwd, or its CUDA kernel called directly when that is allowed."""
+    if direct_call_allowed(args[0]):
+        return _varlen_fwd_cuda(*args)
+    return torch.ops.prefixlm.varlen_fwd(*args)
+
+
+def varlen_bwd(*args):
+    """torch.ops.prefixlm.varlen_bwd, or its CUDA kernel called directly when that is allowed."""
+    if direct_call_allowed(args[1]):
+        return _varlen_bwd_cuda(*args)
+    return torch.ops.prefixlm.varlen_bwd(*args)
 
 
 # ---- autograd --------------------------------------------------------------------------
@@ -166,7 +211,7 @@ def backward(ctx, dout, deterministic: bool):
      prefix_lens) = ctx.saved_tensors
     # Upstream gradients may be expanded or transposed views (e.g. from out.sum()); the
     # kernel needs the layout of q. contiguous() is free when it already has it.
-    return torch.ops.prefixlm.varlen_bwd(
+    return varlen_bwd(
         dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
         prefix_lens, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal,
         deterministic)

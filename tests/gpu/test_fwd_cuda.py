@@ -83,6 +83,41 @@ def test_forward_d64_causal_tile_heights(mode, lengths, rows):
     check_forward(b)
 
 
+def test_public_function_skips_the_dispatcher_only_when_nothing_can_see_it():
+    """flash_attn_varlen_func calls the CUDA kernels without the dispatcher (host time, see
+    ops.direct_call_allowed): same bits as the op, forward and (deterministic) backward; and
+    a TorchDispatchMode still sees both ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b = mixed_batch(5, "prefixlm", heads=4, heads_k=2, head_dim=64, device=DEVICE)
+    q, k, v = (t.detach().requires_grad_() for t in (b.q, b.k, b.v))
+    args = (b.cu_seqlens_q, b.cu_seqlens_k, b.max_seqlen_q, b.max_seqlen_k, b.seqused_q,
+            b.seqused_k, b.prefix_lens)
+    out = flash_attn_varlen_func(q, k, v, *args, causal=True, deterministic=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    op_out, op_lse = fwd(b)
+    assert torch.equal(out, op_out)
+    op_grads = torch.ops.prefixlm.varlen_bwd(dout, b.q, b.k, b.v, op_out, op_lse,
+                                             *b.op_args(b.q.shape[-1] ** -0.5), True)
+    assert all(torch.equal(g, h) for g, h in zip(grads, op_grads))
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as seen:
+        out = flash_attn_varlen_func(q, k, v, *args, causal=True)
+        torch.autograd.grad(out, (q, k, v), dout)
+    assert any("varlen_fwd" in name for name in seen.ops), seen.ops
+    assert any("varlen_bwd" in name for name in seen.ops), seen.ops
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_between_sequences_issue_example(causal):
     """[q1 q1 PAD q2 q2 q2 PAD q3 PAD], cu_seqlens [0, 3, 7, 9], seqused [2, 3, 1]."""
