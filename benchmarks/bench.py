@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(args.commit, peers.FA4.version())
     print(f"{env['gpu']} · torch {env['torch']} · CUDA {env['cuda']} · commit {env['commit'] or 'unknown'}")
 
+    timing.warm_up_gpu()
     start = time.perf_counter()
     plan = cases.plan(args.dims, args.quick)
     results = []
