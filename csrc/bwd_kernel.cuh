@@ -659,7 +659,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t dq_empty_phase = 1;  // the first pass over the buffers does not wait
 
   for (int k = 0;; ++k) {
+    // The record comes from global memory, not through the hand-off: the producer warp has
+    // 24 registers, too few to hold it across the hand-off (D=128 spilled), and a backward
+    // tile is long enough that one load per tile does not matter.
     const int tile = Traits::Handoff::receive(ss.handoff, k);
+    Traits::Handoff::release(ss.handoff, k);
     if (tile >= num_tiles) break;
     if (tile >= num_block_tiles) {
       const WorkRecord rec = load_record(records, zero_offset + (tile - num_block_tiles));

@@ -173,10 +173,11 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
   const int heads_per_kv = p.num_heads / p.num_heads_k;
   for (int k = 0;; ++k) {
     const int tile = Traits::Handoff::next(params.tile_counter, k);
-    Traits::Handoff::publish(ss.handoff, k, tile);
-    if (tile >= num_tiles) break;
     const int head = tile / num_blocks;
-    const WorkRecord rec = load_record(records, tile - head * num_blocks);
+    WorkRecord rec{};
+    if (tile < num_tiles) rec = load_record(records, tile - head * num_blocks);
+    Traits::Handoff::publish(ss.handoff, k, tile, &rec);
+    if (tile >= num_tiles) break;
     const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
     if (n_blocks == 0) continue;  // no key for any row: the consumers write zeros alone
     const int head_k = head / heads_per_kv;
@@ -309,7 +310,6 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kWgs = Traits::kConsumerWarpgroups;
   const VarlenProblem& p = params.fp.p;
-  const WorkRecord* records = schedule_records(params.schedule);
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
   const int consumer_wg = thread / 128;
@@ -348,9 +348,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   for (int k = 0;; ++k) {
     // Stage 0: the tile (query block, head) and its key-block range, last block first.
     const int tile = Traits::Handoff::receive(ss.handoff, k);
-    if (tile >= num_tiles) break;
+    if (tile >= num_tiles) break;  // the last item's slot is never reused: no release
+    const WorkRecord& rec = Traits::Handoff::record(ss.handoff, k);  // read where used
     const int head = tile / num_blocks;
-    const WorkRecord rec = load_record(records, tile - head * num_blocks);
     const MaskInfo mask = record_mask(rec, p.causal);
     const int n_blocks = fwd_num_key_blocks<Traits>(rec, mask);
     const int m0 = rec.block * kBlockM;
@@ -367,6 +367,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       auto issue_s = [&](PipelineState state) {
         warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, state.index()), tSrS);
       };
+      // Q's buffer is free for the tile after next once the last S product has landed (the
+      // P V products do not read Q), so its load can start under this tile's last P V.
+      auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&ss.q_empty[q_buf]); };
       // O += P V of the block in `state` (issued, not waited for).
       auto issue_pv = [&](PipelineState state) {
         warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
@@ -410,6 +413,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       warpgroup_wait<0>();
       fence_after_wait(tSrQ_buf, tSrS);
       pipeline_k.consumer_release(read_state);
+      if (n_blocks == 1) release_q();
       softmax_block(n_blocks - 1, rescale);
       convert_p();
       PipelineState v_state = read_state;
@@ -436,6 +440,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         warpgroup_wait<1>();
         fence_after_wait(tSrQ_buf, tSrS);
         pipeline_k.consumer_release(read_state);
+        if (n == 0) release_q();
         softmax_block(n, rescale);
         // ptxas hoists a wgmma wait to the top of its basic block, which put the whole softmax
         // after the P V product. A shared-memory store stays before the wait, and this one
@@ -450,7 +455,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         ++read_state;
       }
 
-      // Stage 4: the last P V product; then Q's buffer is free for the tile after next.
+      // Stage 4: the last P V product.
       pipeline_v.consumer_wait(v_state);
       wait_my_turn<kWgs>(consumer_wg);
       issue_pv(v_state);
@@ -458,7 +463,6 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       warpgroup_wait<0>();
       fence_after_wait(tOrP_a, tOrO);
       pipeline_v.consumer_release(v_state);
-      cutlass::arch::ClusterBarrier::arrive(&ss.q_empty[q_buf]);
       ++q_loads;
     }
 
@@ -466,6 +470,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     float inv_sum[kRows], lse[kRows];
     softmax.finalize(inv_sum, lse, p.softmax_scale);
     fwd_store_tile<Traits>(params.fp, rec, head, acc_o, acc_o_coord, inv_sum, lse);
+    Traits::Handoff::release(ss.handoff, k);
   }
   if (consumer_wg == 0) wait_my_turn<kWgs>(consumer_wg);
 }
