@@ -159,10 +159,15 @@ class Ours(Peer):
 
     @staticmethod
     def varlen(q, k, v, m: Varlen, scale: float) -> torch.Tensor:
-        out, _ = torch.ops.prefixlm.varlen_fwd(q, k, v, m.cu_seqlens_q, m.cu_seqlens_k, m.seqused_q,
-                                               m.seqused_k, m.prefix_lens, m.max_seqlen_q,
-                                               m.max_seqlen_k, scale, m.causal)
-        return out
+        # The public function, as users and the FA4 column call theirs. (The op with inputs that
+        # require grad goes through torch.library's Python autograd: ~200 us of host time per
+        # call, which the short cases used to measure instead of the kernel.)
+        import prefixlm_fa3
+
+        return prefixlm_fa3.flash_attn_varlen_func(
+            q, k, v, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k,
+            seqused_q=m.seqused_q, seqused_k=m.seqused_k, prefix_lens=m.prefix_lens,
+            softmax_scale=scale, causal=m.causal)
 
     def build(self, batch, inp, with_bwd):
         meta = case_varlen(batch, inp)
