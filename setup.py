@@ -6,6 +6,7 @@ every CPython >= 3.10. It is loaded with ``torch.ops.load_library``, not importe
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "third_party"))
 from find_cutlass import cutlass_include_dir  # noqa: E402
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (ROOT / "prefixlm_fa3" / "_version.py").read_text()).group(1)
+
+
+def nvcc_cuda_version() -> str:
+    """The CUDA release of the nvcc on PATH (the one CMake compiles with), e.g. "13.0"."""
+    out = subprocess.run(["nvcc", "--version"], check=True, capture_output=True, text=True).stdout
+    return re.search(r"release (\d+\.\d+)", out).group(1)
 
 
 class CMakeBuild(build_ext):
@@ -43,11 +53,17 @@ class CMakeBuild(build_ext):
         subprocess.run(configure, cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+        # What the extension was built with, beside it (and so in the wheel): the environment
+        # report (python3 -m prefixlm_fa3) and the load-time checks read it.
+        (out_file.parent / "_build_info.py").write_text(
+            '"""Written by setup.py when the extension is built."""\n\n'
+            f'CUDA_VERSION = "{nvcc_cuda_version()}"\n'
+            'CUDA_ARCH = "sm_90a"\n')
 
 
 setup(
     name="prefixlm_fa3",
-    version="0.1.0",
+    version=VERSION,
     description="Hopper varlen attention with a native PrefixLM mask and zero-written padding",
     packages=["prefixlm_fa3"],
     python_requires=">=3.10",

@@ -6,6 +6,7 @@ reference implementation; CUDA: the compiled kernels, when the extension is buil
 
 from . import ops  # noqa: F401  (registers the ops)
 from ._library import cuda_kernels_available
+from ._version import __version__
 from .interface import flash_attn_varlen_func, flash_attn_varlen_prefixlm
 
-__all__ = ["cuda_kernels_available", "flash_attn_varlen_func", "flash_attn_varlen_prefixlm"]
+__all__ = ["__version__", "cuda_kernels_available", "flash_attn_varlen_func", "flash_attn_varlen_prefixlm"]

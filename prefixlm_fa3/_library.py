@@ -9,6 +9,7 @@ why it has no kernel.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import warnings
@@ -62,6 +63,57 @@ def extension_path() -> str | None:
 def load_error() -> str | None:
     """Why no extension was loaded (None if one was)."""
     return _load_error
+
+
+def build_info() -> dict:
+    """What the extension was built with (setup.py writes _build_info.py beside it): CUDA
+    release and GPU architecture; empty when there is no build."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return {}
+    return {"cuda": _build_info.CUDA_VERSION, "arch": _build_info.CUDA_ARCH}
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA release the installed driver supports (cuDriverGetVersion), e.g.
+    (13, 0) for an R580 driver; None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+_checked_devices: set[int] = set()
+
+
+def check_device(device_index: int) -> None:
+    """Raise one readable error when the kernels cannot run on this device: not an sm_90
+    GPU, or a driver older than the CUDA the extension was built with. Checked once per
+    device; the CPU reference is unaffected."""
+    if device_index in _checked_devices:
+        return
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) != (9, 0):
+        raise RuntimeError(
+            f"prefixlm_fa3: the CUDA kernels are built for sm_90a (H100, H200, H800, GH200); "
+            f"cuda:{device_index} is a {torch.cuda.get_device_name(device_index)} (sm_{major}{minor}). "
+            "On other GPUs use another attention kernel; CPU tensors run the reference.")
+    built = build_info().get("cuda")
+    driver = driver_cuda_version()
+    if built is not None and driver is not None:
+        need = tuple(int(x) for x in built.split(".")[:1]) + (0,)
+        if driver < need:
+            raise RuntimeError(
+                f"prefixlm_fa3: this extension was built with CUDA {built}, which needs an NVIDIA "
+                f"driver for CUDA {need[0]}.x (R580 or newer for CUDA 13); the installed driver "
+                f"supports CUDA {driver[0]}.{driver[1]}. Update the driver, or build from source "
+                "with the CUDA toolkit your driver supports (README, 'Set up').")
+    _checked_devices.add(device_index)
 
 
 _load_extension()

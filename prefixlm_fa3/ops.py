@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _python_dispatch
 
-from ._library import cuda_kernels_available, load_error
+from ._library import check_device, cuda_kernels_available, load_error
 from .reference import reference_bwd, reference_fwd
 from .validation import (check_bwd_inputs, check_fwd_inputs, metadata_validation_requested,
                          validate_metadata)
@@ -56,6 +56,7 @@ def _launch(q: torch.Tensor, launch) -> None:
     """launch(stream) with q's device current, on that device's current stream (a raw
     handle: torch.cuda.current_stream builds a Python object per call, several microseconds)."""
     device = q.get_device()
+    check_device(device)
     if device == torch.cuda.current_device():
         launch(torch._C._cuda_getCurrentRawStream(device))
     else:

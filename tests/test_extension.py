@@ -23,3 +23,42 @@ def test_built_extension_loads_and_registers_both_ops():
     schema = str(torch.ops.prefixlm_C.fwd.default._schema)
     assert "Tensor(a!) out" in schema and "int stream" in schema
 
+
+
+def test_environment_report_runs_and_names_what_matters():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "prefixlm_fa3"], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.startswith(f"prefixlm_fa3 {prefixlm_fa3.__version__}\n"), out
+    assert f"torch {torch.__version__}" in out and "CPU tensors: the reference" in out
+    if BUILT:
+        assert "built with: CUDA 13." in out and "for sm_90a" in out, out
+        assert "kernels: loaded from" in out and "head dims 64, 128" in out, out
+
+
+def test_one_version_source():
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("prefixlm_fa3")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("package not installed (pip install -e . installs it)")
+    assert installed == prefixlm_fa3.__version__
+
+
+def test_device_check_names_the_gpu_and_the_driver(monkeypatch):
+    monkeypatch.setattr(_library, "_checked_devices", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(RuntimeError, match=r"built for sm_90a .*A100-SXM4-80GB \(sm_80\)"):
+        _library.check_device(0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(_library, "build_info", lambda: {"cuda": "13.0", "arch": "sm_90a"})
+    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (12, 8))
+    with pytest.raises(RuntimeError, match=r"built with CUDA 13.0.*driver supports CUDA 12.8"):
+        _library.check_device(0)
+    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (13, 0))
+    _library.check_device(0)
+    assert 0 in _library._checked_devices
