@@ -53,12 +53,13 @@ class CMakeBuild(build_ext):
         subprocess.run(configure, cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
-        # What the extension was built with, beside it (and so in the wheel): the environment
-        # report (python3 -m prefixlm_fa3) and the load-time checks read it.
-        (out_file.parent / "_build_info.py").write_text(
-            '"""Written by setup.py when the extension is built."""\n\n'
-            f'CUDA_VERSION = "{nvcc_cuda_version()}"\n'
-            'CUDA_ARCH = "sm_90a"\n')
+        # What the extension was built with, beside it (in the wheel) and in the source package
+        # (an editable install copies only the extension itself into the tree): the
+        # environment report (python3 -m prefixlm_fa3) and the load-time checks read it.
+        info = ('"""Written by setup.py when the extension is built."""\n\n'
+                f'CUDA_VERSION = "{nvcc_cuda_version()}"\nCUDA_ARCH = "sm_90a"\n')
+        for folder in {out_file.parent, ROOT / "prefixlm_fa3"}:
+            (folder / "_build_info.py").write_text(info)
 
 
 setup(
