@@ -1,15 +1,18 @@
 // Forward kernel: warp-specialised, persistent, TMA + wgmma (sm_90a).
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: one warp issues TMA loads of Q (once per
-// tile) and of K and V (one block per pipeline stage). Warpgroups 1 and 2 are consumers: each
-// owns 64 of the tile's 128 query rows, computes S = Q K^T and O += P V with wgmma, runs the
-// online softmax in registers and writes O and LSE. The producer gives registers away
-// (setmaxnreg) so the consumers can hold S, P and O.
+// CTA = 1 + N warpgroups. Warpgroup 0 is the producer: one warp issues TMA loads of Q (once
+// per tile) and of K and V (one block per pipeline stage). Warpgroups 1..N are consumers: each
+// owns 64 of the tile's 64N query rows (N = 2, or 3 for D=64 outside short causal batches,
+// fwd_schedule.h), computes S = Q K^T and O += P V with wgmma, runs the online softmax in
+// registers and writes O and LSE. The producer gives registers away (setmaxnreg) so the
+// consumers can hold S, P and O. Within a warpgroup, the softmax of key block n runs while
+// O += P V of block n+1 is in flight; between warpgroups, turns keep the tensor cores fed.
 //
 // Work comes from the schedule built by scheduler.cu: (query block, head) tiles, then chunks
 // of padding rows that are written as zeros inside this same launch, by the producer
 // warpgroup's three spare warps while the consumers compute. CTAs take the tiles dynamically
-// (tile_handoff.h) in list order (within a sequence, heaviest causal tiles first).
+// (tile_handoff.h) in list order (within a sequence, heaviest causal tiles first); the
+// producer hands each over with its work record.
 #pragma once
 
 #include <cute/tensor.hpp>
