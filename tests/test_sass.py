@@ -4,8 +4,9 @@ The forward's speed rests on a schedule ptxas is free to undo: the softmax of ke
 (every exp2, on the MUFU unit) must run between the wait for S = Q K^T of block n and the wait
 for O += P V of block n+1, so the tensor cores work on P V while the softmax runs. ptxas hoists
 a wgmma wait to the top of its basic block unless something pins it (csrc/fwd_kernel.cuh,
-`softmax_pin`); a compiler that silently drops that overlap must fail here. Local memory
-(spills, stack arrays) is checked for every kernel.
+`softmax_pin`); a compiler that silently drops that overlap must fail here. The backward must
+keep products in flight (no wgmma serialisation), and no kernel may use local memory (spills,
+stack arrays).
 
 Needs the built extension, and cuobjdump with nvdisasm beside it (CUDA toolkit, or the pip
 packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which the README's set-up installs).
@@ -106,6 +107,17 @@ def test_forward_softmax_runs_under_the_pv_product(sass):
         assert exps_under >= 64 and exps_after == 0, (
             f"{name}: {exps_under} exp2 between the S and P V waits, {exps_after} after the P V "
             "wait: the softmax no longer overlaps the P V product")
+
+
+def test_backward_keeps_products_in_flight(sass):
+    """The backward overlaps its products (dQ's stores under dK, P under dP): it waits with a
+    product still in flight. When registers run short, ptxas serialises the wgmma pipeline
+    (warning C7511) and every wait becomes a full one."""
+    names = [n for n in sass if "bwd_kernel" in n]
+    assert len(names) >= 4, f"expected the 4 backward instantiations, found {names}"
+    for name in names:
+        in_flight = sum("WARPGROUP.DEPBAR.LE gsb0, 0x1" in ins for _, ins in sass[name])
+        assert in_flight >= 1, f"{name}: no wait leaves a product in flight (wgmma serialised?)"
 
 
 def test_no_local_memory(sass):
