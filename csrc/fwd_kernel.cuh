@@ -131,7 +131,6 @@ __device__ inline void consumers_sync() {
 // the same key blocks of the same tile, so the turns always line up. The last warpgroup's
 // first arrival opens warpgroup 0's first turn; warpgroup 0 consumes the last warpgroup's final
 // arrival after the last tile, so no barrier is left half-arrived at exit.
-template <int kWarpgroups>
 __device__ inline void wait_my_turn(int consumer_wg) {
   cutlass::arch::NamedBarrier::sync(256, consumer_wg);
 }
@@ -410,7 +409,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // Stage 1: S and P of the first block visited (the last one: the only one that can
       // reach past Lk).
       pipeline_k.consumer_wait(read_state);
-      wait_my_turn<kWgs>(consumer_wg);
+      wait_my_turn(consumer_wg);
       issue_s(read_state);
       pass_turn<kWgs>(consumer_wg);
       warpgroup_wait<0>();
@@ -435,8 +434,8 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // turns keep the tensor cores busy).
       for (int n = n_blocks - 2; n >= 0; --n) {
         pipeline_k.consumer_wait(read_state);
-        pipeline_v.consumer_wait(v_state);
-        wait_my_turn<kWgs>(consumer_wg);
+        pipeline_v.consumer_wait(v_state);  // first iteration: already waited in stage 2, a no-op
+        wait_my_turn(consumer_wg);
         issue_s(read_state);
         issue_pv(v_state);
         pass_turn<kWgs>(consumer_wg);
@@ -460,7 +459,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
 
       // Stage 4: the last P V product.
       pipeline_v.consumer_wait(v_state);
-      wait_my_turn<kWgs>(consumer_wg);
+      wait_my_turn(consumer_wg);
       issue_pv(v_state);
       pass_turn<kWgs>(consumer_wg);
       warpgroup_wait<0>();
@@ -475,7 +474,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     fwd_store_tile<Traits>(params.fp, rec, head, acc_o, acc_o_coord, inv_sum, lse);
     Traits::Handoff::release(ss.handoff, k);
   }
-  if (consumer_wg == 0) wait_my_turn<kWgs>(consumer_wg);
+  if (consumer_wg == 0) wait_my_turn(consumer_wg);
 }
 
 template <class Traits>

@@ -1,9 +1,10 @@
 // Dynamic persistent scheduling. CTAs take work items from a global counter (greedy list
 // scheduling: whoever finishes first takes the next item, so uneven causal tiles balance).
-// The producer warp takes the items and hands each one, with its work record already read
-// from global memory, to the consumer warpgroups through a small shared-memory ring guarded
-// by mbarriers, so every role walks the same sequence and the consumers never wait on a
-// global load between two tiles (the producer runs a ring slot ahead).
+// The producer warp takes the items and hands each one to the consumer warpgroups through a
+// small shared-memory ring guarded by mbarriers, so every role walks the same sequence. The
+// forward's producer also hands over the item's work record, already read from global memory
+// a ring slot ahead, so its consumers never wait on a global load between two short tiles;
+// the backward's producer has too few registers to hold it (its consumers read it themselves).
 #pragma once
 
 #include <cutlass/arch/barrier.h>

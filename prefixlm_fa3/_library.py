@@ -101,12 +101,13 @@ def check_device(device_index: int) -> None:
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"prefixlm_fa3: the CUDA kernels are built for sm_90a (H100, H200, H800, GH200); "
-            f"cuda:{device_index} is a {torch.cuda.get_device_name(device_index)} (sm_{major}{minor}). "
-            "On other GPUs use another attention kernel; CPU tensors run the reference.")
+            f"cuda:{device_index} is a {torch.cuda.get_device_name(device_index)} "
+            f"(sm_{major}{minor}). On other GPUs use another attention kernel; CPU tensors run "
+            "the reference.")
     built = build_info().get("cuda")
     driver = driver_cuda_version()
     if built is not None and driver is not None:
-        need = tuple(int(x) for x in built.split(".")[:1]) + (0,)
+        need = (int(built.split(".")[0]), 0)  # CUDA minor-version compatibility: major.0
         if driver < need:
             raise RuntimeError(
                 f"prefixlm_fa3: this extension was built with CUDA {built}, which needs an NVIDIA "
