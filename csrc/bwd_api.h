@@ -28,8 +28,15 @@ struct BwdParams {
   int num_sms;
 };
 
-// Query rows per block of the backward's inner loop; the dQ semaphores count such blocks.
-constexpr int kBwdBlockM = 64;
+// Query rows per block of the backward's inner loop (BwdTraits::kBlockM): D = 64 takes 128,
+// so that a block's MMA work amortises its exponentials' fixed costs and its dQ reduction
+// over twice the pairs; D = 128 takes 64 (its accumulators fill the registers at 64).
+__host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+// Alignment of a slot's accumulator rows: a multiple of every bwd_block_m.
+constexpr int kBwdAccumAlign = 128;
+// Deterministic mode keeps one dQ semaphore per kBwdSemaphoreRows accumulator rows (the
+// smallest query block), enough for every block size.
+constexpr int kBwdSemaphoreRows = 64;
 // Key rows per tile of the backward (the schedule's block size).
 constexpr int kBwdBlockN = 128;
 
@@ -51,30 +58,32 @@ __host__ __device__ inline ScheduleConfig bwd_schedule_config(bool deterministic
 
 // The per-query-row workspace (dQ accumulator, LSE, D) is laid out in "accumulator rows":
 // slot b's row i goes to accumulator row bwd_accum_row0(q_start, b) + i. Each slot starts on
-// a block boundary and gets one block of slack, so a query block of one slot is kBwdBlockM
-// contiguous rows that belong to that slot alone, whatever the lengths: the kernel adds a
+// a multiple of kBwdAccumAlign and gets that many rows of slack, so a query block of one slot
+// is contiguous rows that belong to that slot alone, whatever the lengths: the kernel adds a
 // block's dQ with one bulk reduction, and reads its LSE and D with one bulk copy each.
-// With non-decreasing slot starts no two slots share a row (the block after slot b's last
-// row starts at or before bwd_accum_row0 of slot b + 1); the rows stay inside
+// With non-decreasing slot starts no two slots share a row (the aligned end of slot b's
+// last row is at or before bwd_accum_row0 of slot b + 1); the rows stay inside
 // bwd_accum_rows whatever the metadata.
 __host__ __device__ inline int bwd_accum_row0(int q_start, int b) {
-  return (q_start + b * kBwdBlockM) / kBwdBlockM * kBwdBlockM;
+  return (q_start + b * kBwdAccumAlign) / kBwdAccumAlign * kBwdAccumAlign;
 }
 inline int bwd_accum_rows(const VarlenProblem& p) {
-  return (p.total_q + kBwdBlockM - 1) / kBwdBlockM * kBwdBlockM + (p.batch + 1) * kBwdBlockM;
+  return (p.total_q + kBwdAccumAlign - 1) / kBwdAccumAlign * kBwdAccumAlign +
+         (p.batch + 1) * kBwdAccumAlign;
 }
 
 // Pieces of the backward's device workspace, carved out of one byte buffer.
 struct BwdWorkspace {
   void* schedule;
-  // (H, accum_rows, D) fp32, cleared by the preprocess. Inside each block of kBwdBlockM
-  // rows, the 8-float chunks of row r are permuted by chunk ^ (r % 8) (BwdTraits::SmemLayoutdQ:
-  // the kernel stores its fragments to shared memory that way without bank conflicts and
-  // adds the block as it is; the postprocess undoes the permutation).
+  // (H, accum_rows, D) fp32, cleared by the preprocess. The 8-float chunks of accumulator
+  // row r are permuted by chunk ^ (r % 8) (BwdTraits::SmemLayoutdQ: the kernel stores its
+  // fragments to shared memory that way without bank conflicts and adds the block as it is;
+  // the postprocess undoes the permutation).
   float* dq_accum;
   float* lse_log2;  // (H, accum_rows): LSE in log2 units; +inf for rows that are not real
   float* dpsum;     // (H, accum_rows): rowsum(dO * O); 0 for rows that are not real
-  int* dq_semaphore;  // (H, accum_rows / kBwdBlockM): deterministic mode's dQ turn counters
+  // (H, accum_rows / kBwdSemaphoreRows): deterministic mode's dQ turn counters
+  int* dq_semaphore;
   int accum_rows;
 };
 

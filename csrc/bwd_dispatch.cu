@@ -25,7 +25,7 @@ int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* w
   const int64_t dpsum_off = offset;
   offset += align256(rows_heads * static_cast<int64_t>(sizeof(float)));
   const int64_t sem_off = offset;
-  offset += align256(rows_heads / kBwdBlockM * static_cast<int64_t>(sizeof(int)));
+  offset += align256(rows_heads / kBwdSemaphoreRows * static_cast<int64_t>(sizeof(int)));
   if (ws != nullptr) {
     char* b = static_cast<char*>(base);
     ws->schedule = b + schedule_off;

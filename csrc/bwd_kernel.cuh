@@ -2,15 +2,16 @@
 //
 // A tile is (key block of kBlockN = 128 rows, kv head). K and V stay in shared memory while
 // the tile loops over the query heads of the kv head's group and, for each, over the query
-// blocks of kBlockM = 64 rows that can see the key block (MaskInfo::query_begin). Per query
-// block, with warpgroup w owning keys [64w, 64w + 64):
+// blocks of kBlockM rows (64 at D = 128, 128 at D = 64) that can see the key block
+// (MaskInfo::query_begin). Per query block, with warpgroup w owning keys [64w, 64w + 64):
 //   S^T  = K Q^T,  P^T = exp2(S^T * scale_log2 - lse_log2)       (masked entries exactly 0)
 //   dP^T = V dO^T, dS^T = P^T * (dP^T - D)                        (D = rowsum(dO * O))
 //   dV += P^T dO,  dK += dS^T Q                                    (P^T, dS^T from registers)
-//   dQ  = dS K     dS through shared memory; dQ (fp32) to shared memory, from where the
-//                  dQ writer adds the whole block to the fp32 accumulator in global memory
-//                  with one bulk asynchronous reduction (two for D=64, see kDqSlices), so
-//                  the compute warpgroups never wait on them
+//   dQ  = dS K     dS through shared memory (the warpgroups meet: dQ needs all 128 keys);
+//                  each warpgroup computes half of the block's dQ (fp32) into shared memory,
+//                  from where the dQ writer adds the whole block to the fp32 accumulator in
+//                  global memory with one bulk asynchronous reduction, so the compute
+//                  warpgroups never wait on it
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
@@ -56,18 +57,16 @@ template <int kHeadDim_, class Element_>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBwdBlockM;  // query rows per inner step
-  static constexpr int kBlockN = kBwdBlockN;  // key rows per tile
-  // Q/dO stages: D = 128 has room for two; D = 64 takes three (measured alone within noise,
-  // kept with the dQ slices it was measured with, v12 in docs/bwd-notes.md).
-  static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
+  static constexpr int kBlockN = kBwdBlockN;              // key rows per tile
+  static constexpr int kStages = 2;                       // Q/dO stages
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
-  // D = 128: each warpgroup computes dQ for half of the head dim over all 128 keys.
-  // D = 64: a half of the head dim (32) is too narrow for a 128-byte swizzled MN-major
-  // operand, so each warpgroup computes dQ over its own 64 keys; the second adds its partial
-  // onto the first's in shared memory.
-  static constexpr bool kDqSplitKeys = kHeadDim <= 64;
+  // D = 64 holds S^T and dP^T of 64 keys x 128 queries (64 registers each) beside dV and dK:
+  // dS is computed while fp32 P^T is still live and P^T is converted for dV afterwards, so
+  // fp32 P^T, dP^T and a bf16 copy of P^T are never live together. D = 128 has room to issue
+  // dV first and compute dS while it runs.
+  static constexpr bool kDvBeforeDs = kBlockM == 64;
 
   using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;  // warpgroups split the key rows
   // S^T = K Q^T and dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
@@ -81,14 +80,19 @@ struct BwdTraits {
       GMMA::rs_op_selector<Element, Element, float, TileShapedKV, GMMA::Major::K,
                            GMMA::Major::MN>(),
       AtomLayoutKeys{}));
-  // dQ = dS K: (queries, D, keys). A = dS stored queries-contiguous (MN-major), B = K^T
-  // read from the row-major (keys, D) tile (MN-major).
-  static constexpr int kDqN = kDqSplitKeys ? kHeadDim : kHeadDim / 2;  // per warpgroup
-  static constexpr int kDqK = kDqSplitKeys ? kBlockN / 2 : kBlockN;    // per warpgroup
+  // dQ = dS K: (queries, D, keys) over all the tile's keys, so the warpgroups meet once per
+  // block (both halves of dS in smem) and never add partial sums. A = dS stored
+  // queries-contiguous (MN-major), B = K^T read from the row-major (keys, D) tile (MN-major).
+  // 128 query rows: warpgroup w owns rows [64 w, 64 w + 64). 64 query rows: warpgroup w owns
+  // columns [D/2 w, D/2 w + D/2) (at D = 64 a half would be too narrow for a 128-byte
+  // swizzled MN-major operand, hence D = 64's 128 rows).
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static_assert(kDqSplitRows || kHeadDim / 2 >= 64, "dQ split by columns needs D/2 >= 64");
   using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kDqN>, Int<kDqK>>,
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<_64, Int<kDqSplitRows ? kHeadDim : kHeadDim / 2>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
-      conditional_t<kDqSplitKeys, Layout<Shape<_1, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
+      conditional_t<kDqSplitRows, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
   // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
   // permuted by chunk ^ (r % 8): the 8 rows an accumulator fragment store spans land on
   // different banks, and the block is one contiguous range, added to the accumulator (which
@@ -103,17 +107,13 @@ struct BwdTraits {
   // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
   static constexpr int kDqBuffers = 2;
-  // Split keys: each warpgroup hands over its own partial dQ (a slice) and the writer adds
-  // both (two bulk reductions: no meeting of the warpgroups and no shared-memory add on their
-  // path, +7% over one summed slice). Deterministic mode sums the slices in shared memory
-  // instead: two ordered reductions would double the latency of each dQ turn (-15-20%).
-  static constexpr int kDqSlices = kDqSplitKeys ? 2 : 1;
-  // dS buffers. D = 128 keeps one (two fit since v10: 2-3% slower there, within noise at
-  // v12): a warpgroup waits (ds_free) until both have finished the previous block's dQ
-  // product before it overwrites dS. D = 64 splits the keys, so each warpgroup reads only
-  // its own dS columns; two buffers spare it that wait.
+  // dS buffers. With one, a warpgroup waits (ds_free) until both have finished the previous
+  // block's dQ product before it overwrites dS. With two, the meeting before each dQ product
+  // already orders it: a warpgroup passes block m's meeting only after its dQ product of
+  // block m - 1 completed, and the other overwrites that buffer only at block m + 1. D = 128
+  // keeps one (two fit since v10: 2-3% slower there, within noise at v12); D = 64's 128-row
+  // blocks have room for two.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
-  static_assert(kDsBuffers == 2 || !kDqSplitKeys, "one dS buffer is synchronised for split D");
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
   // b - kStages - 1, so the writer has taken block b - kStages - 1 - kDqBuffers: a ring of
@@ -161,7 +161,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    alignas(128) float dq[kDqBuffers][kDqSlices][kBlockM * kHeadDim];  // SmemLayoutdQ
+    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // SmemLayoutdQ
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
     alignas(16) float lse[kStages][kBlockM];
@@ -412,11 +412,7 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       asm volatile("fence.proxy.async.global;" ::: "memory");  // the add comes after the wait
     }
     wait_barrier(&ss.dq_full[buffer], full_phase);
-    const int slices = params.bp.deterministic ? 1 : Traits::kDqSlices;  // see kDqSlices
-    for (int slice = 0; slice < slices; ++slice) {
-      bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer][slice],
-                          Traits::kDqBlockBytes);
-    }
+    bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer], Traits::kDqBlockBytes);
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     if (sem != nullptr) {
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the add is done
@@ -471,12 +467,32 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
   }
 }
 
+// The per-query values (LSE or D) of the queries this thread holds, from the block's rows in
+// shared memory: value c belongs to column c of the (keys, queries) accumulator view, whose
+// columns come in pairs of adjacent queries (one 8-byte load each). Explicit shared-space
+// loads: through a generic pointer they were generic loads, queued behind global traffic
+// and waited for on the long scoreboard (ncu: ~10% of the compute warps' stall samples).
+// Issued where called, so the caller can start them before it waits for a product.
+template <class Coord>
+__device__ inline auto bwd_load_query_values(const float* rows, const Coord& coord) {
+  constexpr int kCols = decltype(size<1>(coord))::value;
+  static_assert(kCols % 2 == 0, "accumulator columns come in pairs");
+  cute::array<float, kCols> values;
+  CUTLASS_PRAGMA_UNROLL
+  for (int c = 0; c < kCols; c += 2) {
+    const float2 v = ld_shared_f32x2(smem_address(rows + get<1>(coord(0, c))));
+    values[c] = v.x;
+    values[c + 1] = v.y;
+  }
+  return values;
+}
+
 // Stage "P": S^T (this warpgroup's keys x the block's queries, fp32) becomes
 // P^T = exp2(S^T * scale_log2 - LSE) in place, exactly 0 (by select) where the mask forbids
 // the pair or the query is at or past Lq. scores / coord: (keys, queries) views of the
-// accumulator and of its coordinates; lse: the block's LSE rows in shared memory.
-template <class Traits, class Scores, class Coord>
-__device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const float* lse,
+// accumulator and of its coordinates; lse: the LSE of each column (bwd_load_query_values).
+template <class Traits, class Scores, class Coord, class Values>
+__device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const Values& lse,
                                          const MaskInfo& mask, int m0, int n0,
                                          float scale_log2) {
   constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
@@ -484,7 +500,7 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
       mask.block_fully_allowed(m0, n0 + Traits::kBlockN)) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float row_lse = lse[get<1>(coord(0, c))];
+      const float row_lse = lse[c];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < size<0>(scores); ++r) {
         scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
@@ -493,7 +509,7 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
   } else {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float row_lse = lse[get<1>(coord(0, c))];
+      const float row_lse = lse[c];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < size<0>(scores); ++r) {
         const int j = n0 + get<0>(coord(r, c));
@@ -507,13 +523,13 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
 
 // Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T; P^T == 0 selects 0, so dP^T of keys
 // past Lk (V rows there are not zero-filled) never enters.
-// dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: the block's D
-// rows in shared memory.
-template <class DP, class P, class Coord>
-__device__ inline void bwd_ds(DP& dpt, const P& p, const Coord& coord, const float* dpsum) {
+// dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: D of each column
+// (bwd_load_query_values).
+template <class DP, class P, class Values>
+__device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum) {
   CUTLASS_PRAGMA_UNROLL
   for (int c = 0; c < size<1>(dpt); ++c) {
-    const float row_dpsum = dpsum[get<1>(coord(0, c))];
+    const float row_dpsum = dpsum[c];
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < size<0>(dpt); ++r) {
       const float pv = p(r, c);
@@ -557,32 +573,50 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
   }
 }
 
-// Stores (add = false) or adds (add = true) this thread's dQ fragment, (rows, cols) of the
-// (M, D) block, into a dQ buffer (SmemLayoutdQ). The thread index is made opaque so the 16
-// swizzled offsets are derived here, per block: hoisted, they stayed live through the main
-// loop and spilled. Shared-space accesses: through a generic pointer the compiler emits
-// generic stores, which queue behind global memory traffic (ncu: LG-throttle stalls on them).
+// Stores this thread's dQ fragment, (rows, cols) of the (M, D) block, into a dQ buffer
+// (SmemLayoutdQ). The thread's elements lie on rows that differ by multiples of 8 and in
+// 8-column chunks at the same offset, so one XOR pattern (row % 8) serves them all: the
+// swizzled offset of (row0 + dr, col0 + dc) is base + dr * D + (dc ^ 8 * (row0 % 8)), with
+// dr and dc compile-time constants (the swizzle rewrites bits 3-5 of the column; col0 < 8).
+// Derived per element through the layout, the offsets cost ~4 integer instructions per
+// store (ncu: ~5% of the compute warps' samples). The thread index is opaque so that the
+// base is derived here, per block: hoisted, it stayed live through the main loop and spilled.
+// Shared-space stores: through a generic pointer the compiler emits generic stores, which
+// queue behind global memory traffic (ncu: LG-throttle stalls on them).
 template <class Traits, class TiledMma, class Acc>
-__device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer, int dq_thread,
-                                    bool add) {
-  Tensor sdQ = make_tensor(make_smem_ptr(buffer), typename Traits::SmemLayoutdQ{});  // (M, D)
-  Tensor cdQ = mma_dq.get_thread_slice(opaque_int(dq_thread))
-                   .partition_C(make_identity_tensor(shape(sdQ)));
+__device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer, int thread) {
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const auto shape_dq = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{};
+  Tensor cdQ = mma_dq.get_thread_slice(opaque_int(thread)).partition_C(make_identity_tensor(shape_dq));
   Tensor coord = make_tensor(cdQ.data(), accum_rowcol(cdQ.layout()));  // (rows, cols) -> (m, d)
+  // Thread 0's coordinates: the same offsets from the first element, known at compile time.
+  Tensor cdQ0 = mma_dq.get_thread_slice(_0{}).partition_C(make_identity_tensor(shape_dq));
+  Tensor coord0 = make_tensor(cdQ0.data(), accum_rowcol(cdQ0.layout()));
+  const int row0 = get<0>(coord(0, 0));
+  const int col0 = get<1>(coord(0, 0));
+  const int swizzle = (row0 % 8) * 8;
+  const uint32_t base = smem_address(buffer) + (row0 * kHeadDim + col0) * sizeof(float);
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < size<0>(dq_acc); ++r) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < size<1>(dq_acc); c += 2) {  // (c, c + 1) adjacent
-      const uint32_t dst = smem_address(&sdQ(coord(r, c)));
-      float2 v = make_float2(dq_acc(r, c), dq_acc(r, c + 1));
-      if (add) {
-        const float2 w = ld_shared_f32x2(dst);
-        v.x += w.x;
-        v.y += w.y;
-      }
-      st_shared_f32x2(dst, v);
+      const int dr = get<0>(coord0(r, c)) - get<0>(coord0(0, 0));
+      const int dc = get<1>(coord0(r, c)) - get<1>(coord0(0, 0));
+      const uint32_t offset = dr * kHeadDim + (dc ^ swizzle);
+      st_shared_f32x2(base + offset * sizeof(float), make_float2(dq_acc(r, c), dq_acc(r, c + 1)));
     }
   }
+}
+
+// Stage "dV": P^T (fp32 accumulator tSrS) converted to the input type (tPrP, viewed as the
+// register A operand tPrP_a), then dV += P^T dO issued; the caller waits for it.
+template <class TiledMma, class AccS, class FragP, class FragPA, class FragB, class AccdV>
+__device__ inline void bwd_issue_dv(TiledMma& mma_dkv, const AccS& tSrS, FragP& tPrP,
+                                    FragPA& tPrP_a, const FragB& tdVrdOt, AccdV& tdVrdV) {
+  using Element = typename FragP::value_type;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+  warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt, tdVrdV);
 }
 
 template <class Traits>
@@ -600,8 +634,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   const int num_blocks = schedule_counts(ws.schedule)->num_blocks;
   const int zero_offset = schedule_counts(ws.schedule)->zero_offset;
   const int thread = threadIdx.x - 128;  // 0 .. 255
-  const int wg = thread / 128;           // this warpgroup owns keys [64 wg, 64 wg + 64)
-  const int thread_in_wg = thread % 128;
   const int group = p.num_heads / p.num_heads_k;
 
   // Tiles zero-filled with ordinary stores (the products use descriptors made in the loop).
@@ -620,19 +652,13 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   auto copy_ds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
   auto thr_copy_ds = copy_ds.get_thread_slice(thread);
 
-  // dQ. Split D: warpgroup w computes columns [D/2 w, D/2 w + D/2) over all keys.
-  // Split keys: warpgroup w computes all columns over keys [64 w, 64 w + 64).
-  const int dq_thread = Traits::kDqSplitKeys ? thread_in_wg : thread;
-  auto thr_dq = mma_dq.get_thread_slice(dq_thread);
+  // dQ: this warpgroup's half of the (M, D) block (rows or columns, see TiledMmadQ).
+  auto thr_dq = mma_dq.get_thread_slice(thread);
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  if constexpr (Traits::kDqSplitKeys) {
-    static_assert(decltype(size(tdQrdQ))::value * 128 == kBlockM * kHeadDim);
-  } else {
-    static_assert(decltype(size(tdQrdQ))::value * 256 == kBlockM * kHeadDim);
-  }
+  static_assert(decltype(size(tdQrdQ))::value * 256 == kBlockM * kHeadDim);
   Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
 
-  // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x 64 queries),
+  // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x M queries),
   // dV and dK (64 keys x D), fp32.
   Tensor tSrS = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
   Tensor tdPrdP = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
@@ -710,21 +736,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor tSrdO = thr_sdp.partition_fragment_B(odO);
           Tensor tdVrdOt = thr_dkv.partition_fragment_B(odOt);  // (MMA, MMA_N, MMA_K, stages)
           Tensor tdKrQt = thr_dkv.partition_fragment_B(oQt);
-          auto dq_operands = [&] {
-            if constexpr (Traits::kDqSplitKeys) {
-              Tensor odS_w = local_tile(odS, Shape<Int<kBlockM>, Int<kBlockN / 2>, _2>{},
-                                        make_coord(_0{}, wg, _0{}));  // (M, N/2, 2 buffers)
-              Tensor oKt_w = local_tile(oKt, Shape<Int<kHeadDim>, Int<kBlockN / 2>>{},
-                                        make_coord(_0{}, wg));  // (D, N/2)
-              return make_tuple(thr_dq.partition_fragment_A(odS_w),
-                                thr_dq.partition_fragment_B(oKt_w));
-            } else {
-              return make_tuple(thr_dq.partition_fragment_A(odS),
-                                thr_dq.partition_fragment_B(oKt));
-            }
-          }();
-          Tensor tdQrdS = get<0>(dq_operands);  // (MMA, MMA_M, MMA_K, kDsBuffers)
-          Tensor tdQrK = get<1>(dq_operands);   // (MMA, MMA_N, MMA_K)
+          Tensor tdQrdS = thr_dq.partition_fragment_A(odS);  // (MMA, MMA_M, MMA_K, kDsBuffers)
+          Tensor tdQrK = thr_dq.partition_fragment_B(oKt);   // (MMA, MMA_N, MMA_K)
           // Stage "load": Q, dO, LSE and D of the block landed (producer).
           cutlass::arch::ClusterTransactionBarrier::wait(&ss.qdo_full[stage], full_phase);
           if (m0 + kBlockM > mask.len_q) {
@@ -738,19 +751,26 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
           warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
           warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+          const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
           warpgroup_wait<1>();
           fence_after_wait(tSrK, tSrS);
 
-          bwd_probabilities<Traits>(scores, scores_coord, so.lse[stage], mask, m0, n0,
-                                    params.scale_log2);
-          // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
-          warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
-
-          warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
-          fence_after_wait(tSrV, tdPrdP);
-          bwd_ds(dpt, scores, scores_coord, so.dpsum[stage]);
+          bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2);
+          if constexpr (Traits::kDvBeforeDs) {
+            const auto dpsum = bwd_load_query_values(so.dpsum[stage], scores_coord);
+            // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
+            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+            warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
+            fence_after_wait(tSrV, tdPrdP);
+            bwd_ds(dpt, scores, dpsum);
+          } else {
+            warpgroup_wait<0>();  // dP^T landed
+            fence_after_wait(tSrV, tdPrdP);
+            // Loaded only now: 32 more live registers before the wait spilled.
+            bwd_ds(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord));
+            // Stage "dV", after dS (see kDvBeforeDs): runs while dS is handed over.
+            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+          }
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
           // Stage "dS hand-off": dS^T to shared memory for dQ = dS K.
@@ -761,12 +781,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           }
           copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();
-          if constexpr (Traits::kDqSplitKeys) {
-            // Each warpgroup reads only its own dS columns: no need to meet the other one.
-            cutlass::arch::NamedBarrier::sync(128, 2 + wg);
-          } else {
-            bwd_consumers_sync();  // both halves of dS are in smem
-          }
+          bwd_consumers_sync();  // both halves of dS are in smem
           // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
           // dK += dS^T Q (dS^T from registers) runs.
           warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
@@ -778,26 +793,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
 
           // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
-          // writer, once it has read the previous block out. Split keys: each warpgroup holds
-          // partial sums over its keys for the same (row, col) set and stores them to its own
-          // slice; in deterministic mode the second adds onto the first's slice instead (see
-          // kDqSlices), after a handover barrier per dQ buffer (named barriers 4, 5). The
-          // warpgroups do not meet every block, so warpgroup 0 may arrive for the next block
-          // (other buffer) before warpgroup 1 has synced for this one; on a single barrier
-          // those two arrivals would complete it. It cannot arrive twice ahead on one buffer:
-          // that needs dq_empty of this block, which needs warpgroup 1's dq_full arrival below.
+          // writer, once it has read the previous block out.
           wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-          // Two call sites, so that the common one compiles with add = false (one shared
-          // runtime path measured 7% slower at D=64: its swizzled offsets were recomputed
-          // store by store).
-          if (Traits::kDqSplitKeys && bp.deterministic) {
-            if (wg == 1) cutlass::arch::NamedBarrier::sync(256, 4 + dq_buffer);
-            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer][0], dq_thread, wg == 1);
-            if (wg == 0) cutlass::arch::NamedBarrier::arrive(256, 4 + dq_buffer);
-          } else {
-            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer][Traits::kDqSplitKeys ? wg : 0],
-                                 dq_thread, false);
-          }
+          bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
           cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
           cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
           if (++dq_buffer == Traits::kDqBuffers) {

@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kPrePostThreads)
       ws.dpsum[at] = row >= 0 ? dot : 0.f;
     }
   }
-  const int64_t num_sem = static_cast<int64_t>(p.num_heads) * (ws.accum_rows / kBwdBlockM);
+  const int64_t num_sem =
+      static_cast<int64_t>(p.num_heads) * (ws.accum_rows / kBwdSemaphoreRows);
   if (bp.deterministic) {
     for (int64_t i = idx; i < num_sem; i += row_threads) {
       ws.dq_semaphore[i] = 0;

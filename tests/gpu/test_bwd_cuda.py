@@ -93,6 +93,17 @@ def test_backward_issue_example(head_dim, dtype):
     check_backward(b)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_prefixlm_packed_batch(head_dim):
+    """A PrefixLM batch shaped like HRM-Text's, scaled down, in bf16 with GQA: prefixes that
+    end inside query blocks of 64 and of 128 rows, lengths just below and above a block,
+    padding between the sequences and a tail."""
+    b = packed_batch([127, 129, 385, 640, 1], pad_q=[64, 0, 3, 129, 5], tail_q=77,
+                     prefix=[50, 128, 200, 1, 0], causal=True, heads=4, heads_k=2,
+                     head_dim=head_dim, dtype=torch.bfloat16, device=DEVICE, seed=7)
+    check_backward(b)
+
+
 def _device_events(fn):
     """Names of the GPU-side events (kernels, memsets, copies) that fn enqueues."""
     torch.cuda.synchronize()
