@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-# Import prefixlm_fa3 from this checkout (CPU CI runs without installing the package).
+# The tests' parent folder goes first on sys.path, for benchmarks/ (tests/test_bench.py). In a
+# checkout that also puts the checkout's prefixlm_fa3 first; CI tests the installed wheel from
+# a copy of tests/ and benchmarks/ without it (tools/test_wheel.sh).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)

@@ -24,7 +24,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "prefixlm_fa3"
+import prefixlm_fa3
+
+# The package under test, wherever it was imported from: this checkout (an editable install)
+# or an installed wheel (CI).
+PACKAGE = Path(prefixlm_fa3.__file__).resolve().parent
 
 
 def _require(what: str) -> None:
