@@ -2,7 +2,7 @@
 # One device call that checks a built wheel on the GPU: GPU tests, the three compute-sanitizer
 # tools over tools/sanitize_workload.py, and the benchmark (with FlashAttention-4 when staged).
 # Logs and results go to $OUT. Built here (CPU machine) first:
-#   MAX_JOBS=2 python3 -m pip wheel --no-build-isolation --no-deps -w .whl .
+#   MAX_JOBS=2 tools/build_wheel.sh .whl
 # and carried with the call (.whl, git-ignored via .git/info/exclude). FA4 takes two calls,
 # see benchmarks/README.md: `STAGE=1` in the first (carry .stage) unpacks its libraries,
 # `FA4=1` in the second (carry .fa4whl) installs the rest. PARTS picks what runs
