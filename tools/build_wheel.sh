@@ -34,7 +34,8 @@ auditwheel repair --plat "$plat" --exclude 'libtorch*.so' --exclude 'libc10*.so'
 wheel="$dist/$(basename "${built%linux_x86_64.whl}")$plat.whl"
 
 echo "wheel: $wheel"
-echo "size: $(stat -c %s "$wheel") bytes ($(numfmt --to=iec-i --suffix=B "$(stat -c %s "$wheel")"))"
+size=$(stat -c %s "$wheel")
+echo "size: $size bytes ($(numfmt --to=iec-i --suffix=B --round=nearest "$size"))"
 # "consistent with ... linux_x86_64" in this report only means that torch's libraries are in
 # no manylinux policy; the tag the symbols allow is on the "constrains the platform tag" line
 # (tools/test_wheel.sh checks it against the file name).
