@@ -314,7 +314,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   const VarlenProblem& p = params.fp.p;
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
-  const int consumer_wg = thread / 128;
+  // From a shuffle, so the compiler sees the warpgroup index is warp-uniform: the smem
+  // descriptors derived from it (Q rows) then live in uniform registers; derived from
+  // threadIdx, they were kept in vector registers and moved with two R2UR per HGMMA.
+  const int consumer_wg = __shfl_sync(0xffffffff, thread / 128, 0);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
@@ -325,9 +328,12 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   typename Traits::TiledMmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(thread);
   auto thr_pv = mma_pv.get_thread_slice(thread);
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors (MMA, MMA_M, MMA_K, buffers)
-  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
-  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+  // Smem operand descriptors depend only on the warpgroup (see consumer_wg).
+  auto desc_qk = mma_qk.get_thread_slice(consumer_wg * 128);
+  auto desc_pv = mma_pv.get_thread_slice(consumer_wg * 128);
+  Tensor tSrQ = desc_qk.partition_fragment_A(sQ);   // smem descriptors (MMA, MMA_M, MMA_K, buffers)
+  Tensor tSrK = desc_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+  Tensor tOrV = desc_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
   // Accumulators: S (this thread's share of 64 x N) and O (of 64 x D), fp32.
   Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
   Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
