@@ -521,19 +521,29 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
   }
 }
 
-// Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T; P^T == 0 selects 0, so dP^T of keys
-// past Lk (V rows there are not zero-filled) never enters.
+// Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T. When the tile holds keys past Lk
+// (keys_real false), V rows there are not zero-filled, so dP^T may hold anything there:
+// P^T == 0 selects 0 and it never enters. Otherwise every dP^T is finite (dO rows past Lq
+// are zero-filled, D is 0 there), masked pairs give 0 * finite = 0, and the select's two
+// instructions per element are skipped (they sit between the dP wait and the dS hand-off).
 // dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: D of each column
 // (bwd_load_query_values).
 template <class DP, class P, class Values>
-__device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum) {
-  CUTLASS_PRAGMA_UNROLL
-  for (int c = 0; c < size<1>(dpt); ++c) {
-    const float row_dpsum = dpsum[c];
+__device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real) {
+  if (keys_real) {
     CUTLASS_PRAGMA_UNROLL
-    for (int r = 0; r < size<0>(dpt); ++r) {
-      const float pv = p(r, c);
-      dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - row_dpsum) : 0.f;
+    for (int c = 0; c < size<1>(dpt); ++c) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < size<0>(dpt); ++r) dpt(r, c) = p(r, c) * (dpt(r, c) - dpsum[c]);
+    }
+  } else {
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(dpt); ++c) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < size<0>(dpt); ++r) {
+        const float pv = p(r, c);
+        dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum[c]) : 0.f;
+      }
     }
   }
 }
@@ -709,6 +719,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
     const QueryRange range = bwd_query_range<Traits>(rec, mask);
     const int n0 = rec.block * kBlockN;
+    const bool keys_real = n0 + kBlockN <= mask.len_k;  // no key of the tile is past Lk
 
     clear(tdVrdV);
     clear(tdKrdK);
@@ -770,12 +781,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
             warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
             fence_after_wait(tSrV, tdPrdP);
-            bwd_ds(dpt, scores, dpsum);
+            bwd_ds(dpt, scores, dpsum, keys_real);
           } else {
             warpgroup_wait<0>();  // dP^T landed
             fence_after_wait(tSrV, tdPrdP);
             // Loaded only now: 32 more live registers before the wait spilled.
-            bwd_ds(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord));
+            bwd_ds(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord), keys_real);
             // Stage "dV", after dS (see kDvBeforeDs): runs while dS is handed over.
             bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
           }
