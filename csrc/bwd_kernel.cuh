@@ -787,8 +787,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             fence_after_wait(tSrV, tdPrdP);
             // Loaded only now: 32 more live registers before the wait spilled.
             bwd_ds(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord), keys_real);
-            // Stage "dV", after dS (see kDvBeforeDs): runs while dS is handed over.
-            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
           }
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
@@ -800,6 +798,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           }
           copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
           cutlass::arch::fence_view_async_shared();
+          if constexpr (!Traits::kDvBeforeDs) {
+            // Stage "dV" (see kDvBeforeDs), after the dS store: the other warpgroup, waiting at
+            // the meeting for this half of dS, is not kept waiting for it; it runs meanwhile.
+            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+          }
           bwd_consumers_sync();  // both halves of dS are in smem
           // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
           // dK += dS^T Q (dS^T from registers) runs.
