@@ -314,9 +314,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   const VarlenProblem& p = params.fp.p;
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
-  // From a shuffle, so the compiler sees the warpgroup index is warp-uniform: the smem
-  // descriptors derived from it (Q rows) then live in uniform registers; derived from
-  // threadIdx, they were kept in vector registers and moved with two R2UR per HGMMA.
+  // From a shuffle, so the compiler sees the warpgroup index is warp-uniform: smem
+  // descriptors derived from it (Q rows) live in uniform registers; derived from threadIdx,
+  // they are kept in vector registers and moved with two R2UR per HGMMA.
   const int consumer_wg = __shfl_sync(0xffffffff, thread / 128, 0);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
@@ -328,9 +328,12 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   typename Traits::TiledMmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(thread);
   auto thr_pv = mma_pv.get_thread_slice(thread);
-  // Smem operand descriptors depend only on the warpgroup (see consumer_wg).
-  auto desc_qk = mma_qk.get_thread_slice(consumer_wg * 128);
-  auto desc_pv = mma_pv.get_thread_slice(consumer_wg * 128);
+  // Smem operand descriptors depend only on the warpgroup. D=64 derives them from the
+  // uniform index (see consumer_wg): +3-9% there. D=128 keeps them from threadIdx: with
+  // uniform descriptors its causal and PrefixLM cases measured 1.5-2% slower (perf-notes v17).
+  const int desc_thread = Traits::kHeadDim <= 64 ? consumer_wg * 128 : thread;
+  auto desc_qk = mma_qk.get_thread_slice(desc_thread);
+  auto desc_pv = mma_pv.get_thread_slice(desc_thread);
   Tensor tSrQ = desc_qk.partition_fragment_A(sQ);   // smem descriptors (MMA, MMA_M, MMA_K, buffers)
   Tensor tSrK = desc_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrV = desc_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
