@@ -516,6 +516,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   PipelineKV pipeline_k(ss.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
   PipelineKV pipeline_v(ss.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barrier initialisation is visible to every warp
+  // Launched as the schedule kernel's programmatic dependent (fwd_launch.cuh): everything
+  // above overlapped it; from here on the schedule is complete and visible.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 
   const ScheduleCounts* counts = schedule_counts(params.schedule);
   const int num_tiles = counts->num_blocks * params.fp.p.num_heads;

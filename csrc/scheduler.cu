@@ -9,6 +9,10 @@ constexpr int kScheduleThreads = 512;
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(VarlenProblem p, ScheduleConfig c, ScheduleCapacity cap,
                           void* workspace) {
+  // The forward kernel is launched as this kernel's programmatic dependent: let it start now,
+  // so its launch and prologue overlap this kernel; it waits (griddepcontrol.wait) for this
+  // grid to complete and its writes to be visible before it reads the schedule.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   build_schedule_block<kScheduleThreads>(p, c, cap, workspace);
 }
 
