@@ -587,7 +587,8 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
 // (SmemLayoutdQ). The thread's elements lie on rows that differ by multiples of 8 and in
 // 8-column chunks at the same offset, so one XOR pattern (row % 8) serves them all: the
 // swizzled offset of (row0 + dr, col0 + dc) is base + dr * D + (dc ^ 8 * (row0 % 8)), with
-// dr and dc compile-time constants (the swizzle rewrites bits 3-5 of the column; col0 < 8).
+// dr and dc compile-time constants (the swizzle rewrites bits 3-5 of the column, which are 0
+// in col0: a warpgroup's columns start at 0 or D/2 = 64, and a thread's at most 6 past that).
 // Derived per element through the layout, the offsets cost ~4 integer instructions per
 // store (ncu: ~5% of the compute warps' samples). The thread index is opaque so that the
 // base is derived here, per block: hoisted, it stayed live through the main loop and spilled.
@@ -656,12 +657,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   typename Traits::TiledMmadQ mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(thread);
   auto thr_dkv = mma_dkv.get_thread_slice(thread);
-  // Slices for the smem operand descriptors, which depend only on the warpgroup. Its index
-  // comes from a shuffle, so the compiler sees it is warp-uniform and builds the descriptors
-  // in uniform registers; derived from threadIdx, they were built in vector registers and
-  // moved over with two R2UR per HGMMA (ncu: 1.5 times FlashAttention-4's instructions per
-  // HGMMA on the same tile shape).
-  const int wg_thread0 = __shfl_sync(0xffffffff, thread / 128, 0) * 128;
+  // Slices for the smem operand descriptors, which depend only on the warpgroup: from its
+  // warp-uniform index, the descriptors are built in uniform registers (warp_uniform; from
+  // threadIdx: 48 R2UR per block step, ncu: 1.5 times FA4's instructions per HGMMA).
+  const int wg_thread0 = warp_uniform(thread / 128) * 128;
   auto desc_sdp = mma_sdp.get_thread_slice(wg_thread0);
   auto desc_dkv = mma_dkv.get_thread_slice(wg_thread0);
   auto desc_dq = mma_dq.get_thread_slice(wg_thread0);

@@ -314,10 +314,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   const VarlenProblem& p = params.fp.p;
   const int num_blocks = schedule_counts(params.schedule)->num_blocks;
   const int thread = threadIdx.x - 128;  // 0 .. kConsumerThreads-1
-  // From a shuffle, so the compiler sees the warpgroup index is warp-uniform: smem
-  // descriptors derived from it (Q rows) live in uniform registers; derived from threadIdx,
-  // they are kept in vector registers and moved with two R2UR per HGMMA.
-  const int consumer_wg = __shfl_sync(0xffffffff, thread / 128, 0);
+  const int consumer_wg = warp_uniform(thread / 128);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKV{});
@@ -329,7 +326,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   auto thr_qk = mma_qk.get_thread_slice(thread);
   auto thr_pv = mma_pv.get_thread_slice(thread);
   // Smem operand descriptors depend only on the warpgroup. D=64 derives them from the
-  // uniform index (see consumer_wg): +3-9% there. D=128 keeps them from threadIdx: with
+  // uniform index (warp_uniform): +3-9% there. D=128 keeps them from threadIdx: with
   // uniform descriptors its causal and PrefixLM cases measured 1.5-2% slower (perf-notes v17).
   const int desc_thread = Traits::kHeadDim <= 64 ? consumer_wg * 128 : thread;
   auto desc_qk = mma_qk.get_thread_slice(desc_thread);

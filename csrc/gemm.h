@@ -7,6 +7,13 @@ namespace prefixlm {
 
 using namespace cute;
 
+// `v` as lane 0 of the warp holds it, for a value every lane already holds (a tile index, a
+// warpgroup index): after the broadcast the compiler knows it is warp-uniform, so addresses
+// and wgmma descriptors derived from it are built in uniform registers. Derived from
+// threadIdx or a shared-memory load, they are built in vector registers and moved over with
+// R2UR (two per HGMMA for a descriptor).
+__device__ inline int warp_uniform(int v) { return __shfl_sync(0xffffffff, v, 0); }
+
 // A from registers (RS) needs fencing like C; an smem descriptor (SS) does not.
 template <class TA>
 constexpr bool kOperandInRegisters =
