@@ -20,14 +20,20 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
   switch (p.head_dim) {
     case 64:
       if (block_rows == 192) {
-        return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 192>(params, workspace, stream)
-                      : run_fwd_instance<64, cutlass::half_t, 192>(params, workspace, stream);
+        return p.bf16
+                   ? run_fwd_instance<64, cutlass::bfloat16_t, 192, 128>(params, workspace, stream)
+                   : run_fwd_instance<64, cutlass::half_t, 192, 128>(params, workspace, stream);
       }
-      return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 128>(params, workspace, stream)
-                    : run_fwd_instance<64, cutlass::half_t, 128>(params, workspace, stream);
+      return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 128, 128>(params, workspace, stream)
+                    : run_fwd_instance<64, cutlass::half_t, 128, 128>(params, workspace, stream);
     case 128:
-      return p.bf16 ? run_fwd_instance<128, cutlass::bfloat16_t, 128>(params, workspace, stream)
-                    : run_fwd_instance<128, cutlass::half_t, 128>(params, workspace, stream);
+      if (fwd_block_cols(p) == 176) {
+        return p.bf16
+                   ? run_fwd_instance<128, cutlass::bfloat16_t, 128, 176>(params, workspace, stream)
+                   : run_fwd_instance<128, cutlass::half_t, 128, 176>(params, workspace, stream);
+      }
+      return p.bf16 ? run_fwd_instance<128, cutlass::bfloat16_t, 128, 128>(params, workspace, stream)
+                    : run_fwd_instance<128, cutlass::half_t, 128, 128>(params, workspace, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no forward kernel for head_dim=" +
                                   std::to_string(p.head_dim) + " (supported: 64, 128)");

@@ -15,6 +15,9 @@
 // producer hands each over with its work record.
 #pragma once
 
+// N = 176 key columns per block (D=128, long sequences) needs CuTe's extended wgmma shapes;
+// the other shapes select the same atoms with or without it.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -32,7 +35,7 @@ namespace prefixlm {
 
 using namespace cute;
 
-template <int kHeadDim_, class Element_, int kBlockM_>
+template <int kHeadDim_, class Element_, int kBlockM_, int kBlockN_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -41,10 +44,14 @@ struct FwdTraits {
   // while the other two run their softmax; the registers still fit (S 64 + P 32 + O 32 of 160).
   static constexpr int kBlockM = kBlockM_;
   static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim <= 64), "unsupported tile");
-  static constexpr int kBlockN = 128;
+  // Key columns per block: 128, or 176 at D=128 for long sequences (fwd_schedule.h): a third
+  // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills.
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128), "unsupported tile");
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
-  static constexpr int kQBuffers = 2;
+  // 176-column K/V stages leave room for one (208 KB of shared memory).
+  static constexpr int kQBuffers = kBlockN > 128 ? 1 : 2;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   // setmaxnreg split of the 64K registers: the producer warpgroup keeps 24.
   static constexpr int kProducerRegisters = 24;

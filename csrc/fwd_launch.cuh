@@ -11,9 +11,9 @@
 
 namespace prefixlm {
 
-template <int kHeadDim, class Element, int kBlockM>
+template <int kHeadDim, class Element, int kBlockM, int kBlockN>
 void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream) {
-  using Traits = FwdTraits<kHeadDim, Element, kBlockM>;
+  using Traits = FwdTraits<kHeadDim, Element, kBlockM, kBlockN>;
   const VarlenProblem& p = fp.p;
   const ScheduleConfig cfg = fwd_schedule_config(p);
   if (cfg.block_rows != Traits::kBlockM) {

@@ -15,6 +15,13 @@ inline int fwd_block_rows(const VarlenProblem& p) {
   return short_causal ? 128 : 192;
 }
 
+// Key columns per block of the forward kernel (kBlockN): 176 at D=128 when the average slot
+// holds at least 4096 rows (measured: causal 8k +3.5%, full 8k equal), 128 otherwise (176
+// cost short tiles 5-10%: one Q buffer, larger partial blocks).
+inline int fwd_block_cols(const VarlenProblem& p) {
+  return p.head_dim == 128 && p.total_q >= 4096LL * p.batch ? 176 : 128;
+}
+
 // Query blocks of fwd_block_rows rows; causal tiles heaviest-first; padding rows of q / out /
 // LSE zeroed in chunks of 64 rows.
 inline ScheduleConfig fwd_schedule_config(const VarlenProblem& p) {

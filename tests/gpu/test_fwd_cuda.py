@@ -83,6 +83,16 @@ def test_forward_d64_causal_tile_heights(mode, lengths, rows):
     check_forward(b)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_d128_long_sequences_176_key_columns(mode):
+    """D=128 uses 176-column key blocks when the average slot holds at least 4096 rows
+    (csrc/fwd_schedule.h): partial blocks, prefixes and padding on that path too."""
+    b = mixed_batch(176 + len(mode), mode, lengths=(1, 3000, 9000, 10000), heads=2, heads_k=1,
+                    head_dim=128, device=DEVICE)
+    assert b.q.shape[0] >= 4096 * (b.cu_seqlens_q.numel() - 1)
+    check_forward(b, max_chunk_elems=1 << 25)
+
+
 def test_public_function_skips_the_dispatcher_only_when_nothing_can_see_it():
     """flash_attn_varlen_func calls the CUDA kernels without the dispatcher (host time, see
     ops.direct_call_allowed): same bits as the op, forward and (deterministic) backward; and
