@@ -7,8 +7,6 @@
 #include <optional>
 #include <string>
 
-#include <cuda_runtime.h>
-
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -16,7 +14,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include "bwd_api.h"
-#include "cuda_check.h"
+#include "driver.h"
 #include "fwd_api.h"
 #include "params.h"
 
@@ -53,11 +51,7 @@ const int32_t* optional_int32_vector(const std::optional<Tensor>& t, const char*
   return t.has_value() ? int32_vector(*t, name, len, device) : nullptr;
 }
 
-int num_sms(int device) {
-  int count = 0;
-  PREFIXLM_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
+int num_sms(int device) { return prefixlm::driver::multiprocessor_count(device); }
 
 prefixlm::RowHeadStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
@@ -147,7 +141,7 @@ void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
   fp.zero_padding = zero_padding;
   fp.num_sms = num_sms(device);
 
-  PREFIXLM_CUDA_CHECK(cudaSetDevice(device));
+  prefixlm::driver::set_device(device);
   Tensor workspace = torch::stable::new_empty(
       q, {(prefixlm::fwd_workspace_bytes(p) + 15) / 16 * 16}, ScalarType::Byte);
   prefixlm::run_fwd(fp, workspace.data_ptr(), reinterpret_cast<cudaStream_t>(stream));
@@ -199,7 +193,7 @@ void bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_l
   bp.zero_padding = zero_padding;
   bp.num_sms = num_sms(device);
 
-  PREFIXLM_CUDA_CHECK(cudaSetDevice(device));
+  prefixlm::driver::set_device(device);
   Tensor workspace = torch::stable::new_empty(
       q, {(prefixlm::bwd_workspace_bytes(p) + 15) / 16 * 16}, ScalarType::Byte);
   prefixlm::run_bwd(bp, workspace.data_ptr(), reinterpret_cast<cudaStream_t>(stream));

@@ -841,9 +841,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   }
 }
 
+// The main kernel (its extern "C" entry point: PREFIXLM_BWD_INSTANCE, bwd_launch.cuh);
+// `params` is the entry point's __grid_constant__ parameter (TMA descriptors read in place).
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
-    bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
+__device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& params) {
   using SharedStorage = typename Traits::SharedStorage;
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);

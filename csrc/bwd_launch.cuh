@@ -1,6 +1,7 @@
 // Host side of the backward, three launches: preprocess (which also builds the schedule),
-// main kernel, postprocess. Included by one .cu file per (head dim, element type) so the
-// instantiations compile in parallel.
+// main kernel, postprocess; and the macro that makes an instantiation's kernels
+// (instantiations/, one file per head dim and element type, compiled in parallel) and its
+// launcher (bwd_launchers.cu). See kernel_entry.h.
 #pragma once
 
 #include <cmath>
@@ -8,12 +9,21 @@
 #include "bwd_api.h"
 #include "bwd_kernel.cuh"
 #include "bwd_prepost.cuh"
-#include "cuda_check.h"
+#include "driver.h"
+#include "kernel_entry.h"
 
 namespace prefixlm {
 
+// The three kernels of one instantiation, in its cubin.
+struct BwdKernels {
+  driver::Kernel preprocess;
+  driver::Kernel main;
+  driver::Kernel postprocess;
+};
+
 template <int kHeadDim, class Element>
-void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream) {
+void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream,
+                const BwdKernels& kernels) {
   using Traits = BwdTraits<kHeadDim, Element>;
   const VarlenProblem& p = bp.p;
   // Threads of the pre/postprocess: D/8 per (accumulator row, head) and per (q row, head).
@@ -25,9 +35,10 @@ void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t 
   };
   const int pre_blocks = blocks_for(static_cast<int64_t>(ws.accum_rows) * p.num_heads);
   const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads);
-  bwd_preprocess_kernel<kHeadDim, Element><<<pre_blocks + 1, kPrePostThreads, 0, stream>>>(
-      bp, ws, ScheduleCapacity::make(p, bwd_schedule_config(bp.deterministic)));
-  PREFIXLM_CUDA_CHECK(cudaGetLastError());
+  const ScheduleCapacity capacity =
+      ScheduleCapacity::make(p, bwd_schedule_config(bp.deterministic));
+  driver::launch(kernels.preprocess, {static_cast<unsigned>(pre_blocks + 1), kPrePostThreads},
+                 stream, bp, ws, capacity);
 
   auto gmem = [&](const void* ptr, int rows, int heads, RowHeadStrides s) {
     return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
@@ -64,16 +75,51 @@ void run_bwd_instance(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t 
   kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
 
   if (has_k) {
-    auto kernel = bwd_kernel<Traits>;
-    PREFIXLM_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-    kernel<<<bp.num_sms, Traits::kThreads, Traits::kSmemBytes, stream>>>(kp);
-    PREFIXLM_CUDA_CHECK(cudaGetLastError());
+    driver::launch(kernels.main,
+                   {static_cast<unsigned>(bp.num_sms), Traits::kThreads, Traits::kSmemBytes},
+                   stream, kp);
   }
   if (post_blocks > 0) {
-    bwd_postprocess_kernel<kHeadDim, Element><<<post_blocks, kPrePostThreads, 0, stream>>>(bp, ws);
-    PREFIXLM_CUDA_CHECK(cudaGetLastError());
+    driver::launch(kernels.postprocess, {static_cast<unsigned>(post_blocks), kPrePostThreads},
+                   stream, bp, ws);
   }
 }
 
 }  // namespace prefixlm
+
+// One backward instantiation: head dim D, element token T (bf16 / fp16); its file is
+// instantiations/bwd_dD_T.cu.
+#ifdef PREFIXLM_DEVICE_PASS
+#define PREFIXLM_BWD_INSTANCE(D, T)                                                         \
+  extern "C" __global__ void __launch_bounds__(prefixlm::kPrePostThreads)                   \
+      prefixlm_bwd_pre_d##D##_##T(const prefixlm::BwdParams bp,                             \
+                                  const prefixlm::BwdWorkspace ws,                          \
+                                  const prefixlm::ScheduleCapacity capacity) {              \
+    prefixlm::bwd_preprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws, capacity);              \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(                                             \
+      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T>::kThreads, 1)                             \
+      prefixlm_bwd_d##D##_##T(const __grid_constant__ prefixlm::BwdKernelParams<            \
+                              prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T>> params) {       \
+    prefixlm::bwd_kernel_body(params);                                                      \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(prefixlm::kPrePostThreads)                   \
+      prefixlm_bwd_post_d##D##_##T(const prefixlm::BwdParams bp,                            \
+                                   const prefixlm::BwdWorkspace ws) {                       \
+    prefixlm::bwd_postprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws);                       \
+  }
+#else
+#define PREFIXLM_BWD_INSTANCE(D, T)                                                         \
+  extern "C" const unsigned char prefixlm_cubin_bwd_d##D##_##T[];                          \
+  namespace prefixlm {                                                                      \
+  template <>                                                                               \
+  void run_bwd_instance<D, PREFIXLM_ELEMENT_##T>(const BwdParams& bp, const BwdWorkspace& ws, \
+                                                 cudaStream_t stream) {                     \
+    launch_bwd<D, PREFIXLM_ELEMENT_##T>(                                                    \
+        bp, ws, stream,                                                                     \
+        {{prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_pre_d" #D "_" #T},                   \
+         {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_d" #D "_" #T},                       \
+         {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_post_d" #D "_" #T}});                \
+  }                                                                                         \
+  }
+#endif

@@ -57,10 +57,10 @@ __device__ inline int bwd_q_to_accum_row(const VarlenProblem& p, int row) {
   return i >= 0 && i < s.len_q ? bwd_accum_row0(s.q_start, b) + i : -1;
 }
 
+// The preprocess kernel (kPrePostThreads threads; entry point: PREFIXLM_BWD_INSTANCE).
 template <int kHeadDim, class Element>
-__global__ void __launch_bounds__(kPrePostThreads)
-    bwd_preprocess_kernel(const BwdParams bp, const BwdWorkspace ws,
-                          const ScheduleCapacity schedule_capacity) {
+__device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const BwdWorkspace& ws,
+                                                    const ScheduleCapacity& schedule_capacity) {
   constexpr int kVec = 8;                   // elements per thread: one 16-byte load
   constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
   const VarlenProblem& p = bp.p;
@@ -116,9 +116,9 @@ __global__ void __launch_bounds__(kPrePostThreads)
   }
 }
 
+// The postprocess kernel (kPrePostThreads threads; entry point: PREFIXLM_BWD_INSTANCE).
 template <int kHeadDim, class Element>
-__global__ void __launch_bounds__(kPrePostThreads)
-    bwd_postprocess_kernel(const BwdParams bp, const BwdWorkspace ws) {
+__device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const BwdWorkspace& ws) {
   constexpr int kVec = 8;
   constexpr int kLanes = kHeadDim / kVec;
   const VarlenProblem& p = bp.p;

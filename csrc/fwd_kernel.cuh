@@ -490,9 +490,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   if (consumer_wg == 0) wait_my_turn(consumer_wg);
 }
 
+// The kernel (its extern "C" entry point: PREFIXLM_FWD_INSTANCE, fwd_launch.cuh); `params`
+// is the entry point's __grid_constant__ parameter (the TMA descriptors are read in place).
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
-    fwd_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
+__device__ __forceinline__ void fwd_kernel_body(const FwdKernelParams<Traits>& params) {
   using SharedStorage = typename Traits::SharedStorage;
   using PipelineKV = typename Traits::PipelineKV;
   extern __shared__ char smem_raw[];

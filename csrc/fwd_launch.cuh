@@ -1,19 +1,23 @@
-// Host side of the forward: schedule, TMA descriptors, launch. Included by one .cu file per
-// (head dim, element type) so the instantiations compile in parallel.
+// Host side of the forward: schedule, TMA descriptors, launch; and the macro that makes a
+// tile configuration's kernel (instantiations/, one file each, compiled in parallel) and its
+// launcher (fwd_launchers.cu). See kernel_entry.h.
 #pragma once
 
 #include <cmath>
 
-#include "cuda_check.h"
+#include "driver.h"
 #include "fwd_api.h"
 #include "fwd_kernel.cuh"
 #include "fwd_schedule.h"
+#include "kernel_entry.h"
 
 namespace prefixlm {
 
-template <int kHeadDim, class Element, int kBlockM, int kBlockN>
-void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream) {
-  using Traits = FwdTraits<kHeadDim, Element, kBlockM, kBlockN>;
+template <class Traits>
+void launch_fwd(const FwdParams& fp, void* workspace, cudaStream_t stream,
+                const driver::Kernel& kernel) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
   const VarlenProblem& p = fp.p;
   const ScheduleConfig cfg = fwd_schedule_config(p);
   if (cfg.block_rows != Traits::kBlockM) {
@@ -49,23 +53,38 @@ void run_fwd_instance(const FwdParams& fp, void* workspace, cudaStream_t stream)
   kp.tile_counter = &static_cast<ScheduleCounts*>(workspace)->tile_counter;
   kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
 
-  auto kernel = fwd_kernel<Traits>;
-  PREFIXLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           Traits::kSmemBytes));
   // Programmatic dependent launch: the kernel may start while the schedule kernel runs; it
   // waits for it (griddepcontrol.wait) before it reads the schedule. Saves the launch gap and
   // the prologue, a few us that matter on short batches.
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(fp.num_sms);
-  config.blockDim = dim3(Traits::kThreads);
-  config.dynamicSmemBytes = Traits::kSmemBytes;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  PREFIXLM_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, kp));
+  const driver::LaunchShape shape{static_cast<unsigned>(fp.num_sms), Traits::kThreads,
+                                  Traits::kSmemBytes, /*after_programmatic=*/true};
+  driver::launch(kernel, shape, stream, kp);
 }
 
 }  // namespace prefixlm
+
+// One forward tile configuration: head dim D, element token T (bf16 / fp16), M x N tiles;
+// its file is instantiations/fwd_dD_mM_nN_T.cu.
+#ifdef PREFIXLM_DEVICE_PASS
+#define PREFIXLM_FWD_INSTANCE(D, T, M, N)                                                     \
+  extern "C" __global__ void __launch_bounds__(                                               \
+      prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>::kThreads, 1)                         \
+      prefixlm_fwd_d##D##_m##M##_n##N##_##T(                                                  \
+          const __grid_constant__ prefixlm::FwdKernelParams<                                  \
+              prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>> params) {                  \
+    prefixlm::fwd_kernel_body(params);                                                        \
+  }
+#else
+#define PREFIXLM_FWD_INSTANCE(D, T, M, N)                                                     \
+  extern "C" const unsigned char prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T[];              \
+  namespace prefixlm {                                                                        \
+  template <>                                                                                 \
+  void run_fwd_instance<D, PREFIXLM_ELEMENT_##T, M, N>(const FwdParams& fp, void* workspace,  \
+                                                       cudaStream_t stream) {                 \
+    launch_fwd<FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>>(                                     \
+        fp, workspace, stream,                                                                \
+        {prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T,                                         \
+         "prefixlm_fwd_d" #D "_m" #M "_n" #N "_" #T});                                        \
+  }                                                                                           \
+  }
+#endif

@@ -66,13 +66,21 @@ def load_error() -> str | None:
 
 
 def build_info() -> dict:
-    """What the extension was built with (setup.py writes _build_info.py beside it): CUDA
-    release and GPU architecture; empty when there is no build."""
+    """What the extension was built with (setup.py writes _build_info.py beside it): the CUDA
+    release of the kernels (their ptxas, which sets the drivers they need), of the front end,
+    and the GPU architecture; empty when there is no build."""
     try:
         from . import _build_info
     except ImportError:
         return {}
-    return {"cuda": _build_info.CUDA_VERSION, "arch": _build_info.CUDA_ARCH}
+    return {"cuda": _build_info.CUDA_VERSION, "arch": _build_info.CUDA_ARCH,
+            "frontend": getattr(_build_info, "FRONTEND_CUDA_VERSION", _build_info.CUDA_VERSION)}
+
+
+# The oldest driver branch for each CUDA major release. Under NVIDIA's minor-version
+# compatibility a cubin built with a CUDA X.y ptxas runs on any driver for CUDA X.0 or newer;
+# the extension links no CUDA runtime, so its kernels' ptxas is all that counts.
+MIN_DRIVER_BRANCH = {12: "R525", 13: "R580"}
 
 
 def driver_cuda_version() -> tuple[int, int] | None:
@@ -109,11 +117,13 @@ def check_device(device_index: int) -> None:
     if built is not None and driver is not None:
         need = (int(built.split(".")[0]), 0)  # CUDA minor-version compatibility: major.0
         if driver < need:
+            branch = MIN_DRIVER_BRANCH.get(need[0], "a newer driver")
             raise RuntimeError(
-                f"prefixlm_fa3: this extension was built with CUDA {built}, which needs an NVIDIA "
-                f"driver for CUDA {need[0]}.x (R580 or newer for CUDA 13); the installed driver "
-                f"supports CUDA {driver[0]}.{driver[1]}. Update the driver, or build from source "
-                "with the CUDA toolkit your driver supports (README, 'Set up').")
+                f"prefixlm_fa3: the kernels were built with CUDA {built} (ptxas), which needs an "
+                f"NVIDIA driver for CUDA {need[0]}.0 or newer ({branch} or newer); the installed "
+                f"driver supports CUDA {driver[0]}.{driver[1]}. Update the driver, or install a "
+                "build whose kernels come from the CUDA 12 ptxas, which runs on R525 and newer "
+                "(README, 'Set up').")
     _checked_devices.add(device_index)
 
 

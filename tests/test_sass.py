@@ -52,8 +52,34 @@ def _cuobjdump() -> str:
     _require("cuobjdump")
 
 
+def embedded_cubins(library: bytes) -> list[bytes]:
+    """The cubins built into the extension (CMakeLists.txt embeds them as read-only data): the
+    64-bit CUDA ELF images (machine EM_CUDA = 190) inside the library, each cut where the last
+    of its headers and sections ends."""
+    def word(at: int, size: int) -> int:
+        return int.from_bytes(library[at:at + size], "little")
+
+    cubins = []
+    start = library.find(b"\x7fELF", 1)
+    while start > 0:
+        if library[start + 4] == 2 and word(start + 18, 2) == 190:
+            phoff, shoff = word(start + 32, 8), word(start + 40, 8)
+            phentsize, phnum = word(start + 54, 2), word(start + 56, 2)
+            shentsize, shnum = word(start + 58, 2), word(start + 60, 2)
+            end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            for i in range(shnum):
+                section = start + shoff + i * shentsize
+                if word(section + 4, 4) != 8:  # SHT_NOBITS occupies no bytes in the file
+                    end = max(end, word(section + 24, 8) + word(section + 32, 8))
+            cubins.append(library[start:start + end])
+            start = library.find(b"\x7fELF", start + end)
+        else:
+            start = library.find(b"\x7fELF", start + 4)
+    return cubins
+
+
 @pytest.fixture(scope="module")
-def sass() -> dict[str, list[tuple[int, str]]]:
+def sass(tmp_path_factory) -> dict[str, list[tuple[int, str]]]:
     """Kernel name -> [(address, instruction)] for every kernel of the built extension."""
     libs = sorted(glob.glob(str(PACKAGE / "_C*.so")))
     if not libs:
@@ -61,24 +87,30 @@ def sass() -> dict[str, list[tuple[int, str]]]:
     tool = _cuobjdump()
     # cuobjdump runs nvdisasm, which the pip packages install into the same folder.
     env = {**os.environ, "PATH": os.path.dirname(tool) + os.pathsep + os.environ.get("PATH", "")}
-    text = subprocess.run([tool, "-sass", libs[-1]], check=True, capture_output=True, text=True,
-                          env=env).stdout
+    cubins = embedded_cubins(Path(libs[-1]).read_bytes())
+    assert cubins, f"no cubin found in {libs[-1]}"
+    folder = tmp_path_factory.mktemp("cubins")
     kernels: dict[str, list[tuple[int, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            current = kernels.setdefault(m.group(1), [])
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m and current is not None:
-            current.append((int(m.group(1), 16), m.group(2)))
+    for index, image in enumerate(cubins):
+        path = folder / f"{index}.cubin"
+        path.write_bytes(image)
+        text = subprocess.run([tool, "-sass", str(path)], check=True, capture_output=True,
+                              text=True, env=env).stdout
+        current = None
+        for line in text.splitlines():
+            m = re.match(r"\s*Function : (\S+)", line)
+            if m:
+                current = kernels.setdefault(m.group(1), [])
+                continue
+            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+            if m and current is not None:
+                current.append((int(m.group(1), 16), m.group(2)))
     return kernels
 
 
 def _forward_kernels(sass):
-    names = [n for n in sass if "fwd_kernel" in n]
-    assert len(names) >= 4, f"expected the 4 forward instantiations, found {names}"
+    names = [n for n in sass if n.startswith("prefixlm_fwd_")]
+    assert len(names) >= 8, f"expected the 8 forward instantiations, found {names}"
     return names
 
 
@@ -117,7 +149,7 @@ def test_backward_keeps_products_in_flight(sass):
     """The backward overlaps its products (dQ's stores under dK, P under dP): it waits with a
     product still in flight. When registers run short, ptxas serialises the wgmma pipeline
     (warning C7511) and every wait becomes a full one."""
-    names = [n for n in sass if "bwd_kernel" in n]
+    names = [n for n in sass if n.startswith("prefixlm_bwd_d")]  # main kernels
     assert len(names) >= 4, f"expected the 4 backward instantiations, found {names}"
     for name in names:
         in_flight = sum("WARPGROUP.DEPBAR.LE gsb0, 0x1" in ins for _, ins in sass[name])

@@ -10,13 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dist=$(realpath -m "${1:-dist}")
-# manylinux_2_28 (glibc 2.28: RHEL 8, Ubuntu 20.04) is not reachable from a glibc >= 2.34 build
-# machine such as Debian 12: linking there binds the pthread, semaphore, shm and dl calls of the
-# static CUDA runtime to their GLIBC_2.34 versions (glibc 2.34 moved them into libc), and GCC's
-# libstdc++ headers make shared_ptr read __libc_single_threaded (GLIBC_2.32). auditwheel cannot
-# lower symbol versions, so 2_28 needs a glibc 2.28 build machine (the manylinux_2_28 image
-# with CUDA 13): PLAT=manylinux_2_28_x86_64 there.
-plat=${PLAT:-manylinux_2_34_x86_64}
+# manylinux_2_28 (glibc 2.28: RHEL 8, Ubuntu 20.04; also the floor of torch's own wheels) from
+# this glibc 2.36 build machine: the library links no CUDA runtime (whose pthread, semaphore and
+# shm calls glibc 2.34 re-versioned), binds dlopen and kin to their pre-2.34 version
+# (csrc/driver.cpp) and answers libstdc++'s __libc_single_threaded itself
+# (csrc/glibc_compat.cpp). auditwheel would also offer the older tag the symbols allow;
+# --only-plat keeps the one asked for.
+plat=${PLAT:-manylinux_2_28_x86_64}
 
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
@@ -26,10 +26,10 @@ built=$(echo "$raw"/prefixlm_fa3-*-linux_x86_64.whl)
 # libtorch_cpu.so and libc10.so are the extension's only non-system dependencies (linked by
 # soname, no rpath): the torch the user has installed has loaded them before it loads the
 # extension, so they must be neither copied into the wheel (a second, mismatched torch) nor
-# counted against the tag. The CUDA runtime is linked statically and the driver is reached
-# through cudaGetDriverEntryPoint, so nothing else is needed and nothing gets grafted.
+# counted against the tag. No CUDA library is linked (the driver is opened at run time,
+# csrc/driver.h), so nothing else is needed and nothing gets grafted.
 mkdir -p "$dist"
-auditwheel repair --plat "$plat" --exclude 'libtorch*.so' --exclude 'libc10*.so' \
+auditwheel repair --plat "$plat" --only-plat --exclude 'libtorch*.so' --exclude 'libc10*.so' \
   -w "$dist" "$built"
 wheel="$dist/$(basename "${built%linux_x86_64.whl}")$plat.whl"
 

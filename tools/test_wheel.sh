@@ -10,8 +10,9 @@ if [ $# -ne 1 ]; then
 fi
 wheel=$(realpath "$1")
 
-# The file name's platform tag must be the one the symbols allow (auditwheel's sym_tag), and
-# the only libraries the wheel needs from outside the system must be torch's own.
+# The file name's platform tag must be one the symbols allow (auditwheel's sym_tag is the
+# oldest: a tag for the same or a newer glibc is allowed too), and the only libraries the wheel
+# needs from outside the system must be torch's own.
 show=$(auditwheel show --json "$wheel")
 python3 - "$show" <<'PY'
 import json, sys
@@ -20,11 +21,17 @@ show = json.loads(sys.argv[1])
 name = show["wheel"]
 python, abi, platform = name.removesuffix(".whl").split("-")[-3:]
 assert (python, abi) == ("cp310", "abi3"), name
-assert platform == show["sym_tag"], f"{name}: its symbols allow {show['sym_tag']}"
+def glibc(tag):
+    family, major, minor, arch = tag.split("_", 3)
+    assert family == "manylinux" and arch == "x86_64", tag
+    return int(major), int(minor)
+
+
+assert glibc(platform) >= glibc(show["sym_tag"]), f"{name}: its symbols need {show['sym_tag']}"
 others = [lib for lib in show["external_libs"] if not lib.startswith(("libtorch", "libc10"))]
 assert not others, f"{name} needs libraries that torch does not load: {others}"
-print(f"tag: {python}-{abi}-{platform}, as its symbols allow; needs from outside:",
-      ", ".join(sorted(show["external_libs"])))
+print(f"tag: {python}-{abi}-{platform} (its symbols allow {show['sym_tag']} and newer); "
+      "needs from outside:", ", ".join(sorted(show["external_libs"])))
 PY
 
 work=$(mktemp -d)

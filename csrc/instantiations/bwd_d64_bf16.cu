@@ -1,0 +1,3 @@
+#include "bwd_launch.cuh"
+
+PREFIXLM_BWD_INSTANCE(64, bf16)

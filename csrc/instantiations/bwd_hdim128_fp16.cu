@@ -1,5 +1,0 @@
-#include "bwd_launch.cuh"
-
-template void prefixlm::run_bwd_instance<128, cutlass::half_t>(const prefixlm::BwdParams&,
-                                                     const prefixlm::BwdWorkspace&,
-                                                     cudaStream_t);
