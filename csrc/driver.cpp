@@ -115,9 +115,11 @@ std::mutex& cache_mutex() {
 }
 
 LoadedKernel& loaded(const Kernel& k) {
-  // Libraries by cubin, kernels by name; both live as long as the process.
+  // Libraries by cubin, kernels by the address of their name (a string literal of the
+  // launcher: hashing a pointer, not the string, keeps the lookup off the launch's host time);
+  // both live as long as the process.
   static std::unordered_map<const unsigned char*, CUlibrary> libraries;
-  static std::unordered_map<std::string, LoadedKernel> kernels;
+  static std::unordered_map<const char*, LoadedKernel> kernels;
   auto it = kernels.find(k.name);
   if (it != kernels.end()) return it->second;
   auto lib = libraries.find(k.cubin);
