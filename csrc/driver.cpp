@@ -9,7 +9,6 @@
 #include <type_traits>
 #include <string>
 #include <unordered_map>
-#include <utility>
 
 // glibc 2.34 moved dlopen, dlsym and dlerror from libdl into libc under a new symbol version;
 // binding to the original one (libdl's, linked explicitly: CMakeLists.txt) keeps the library
@@ -21,19 +20,25 @@ __asm__(".symver dlerror,dlerror@GLIBC_2.2.5");
 namespace prefixlm::driver {
 namespace {
 
+// The driver entry points the extension uses: (member, symbol, cudaTypedefs.h version).
+#define PREFIXLM_DRIVER_ENTRY_POINTS(X)                             \
+  X(get_error_string, cuGetErrorString, 6000)                       \
+  X(device_get, cuDeviceGet, 2000)                                  \
+  X(device_get_attribute, cuDeviceGetAttribute, 2000)               \
+  X(primary_ctx_retain, cuDevicePrimaryCtxRetain, 7000)             \
+  X(ctx_set_current, cuCtxSetCurrent, 4000)                         \
+  X(ctx_get_device, cuCtxGetDevice, 2000)                           \
+  X(library_load_data, cuLibraryLoadData, 12000)                    \
+  X(library_get_kernel, cuLibraryGetKernel, 12000)                  \
+  X(kernel_get_function, cuKernelGetFunction, 12000)                \
+  X(kernel_set_attribute, cuKernelSetAttribute, 12000)              \
+  X(launch_kernel_ex, cuLaunchKernelEx, 11060)                      \
+  X(tensor_map_encode_tiled, cuTensorMapEncodeTiled, 12000)
+
 struct Api {
-  PFN_cuGetErrorString_v6000 get_error_string = nullptr;
-  PFN_cuDeviceGet_v2000 device_get = nullptr;
-  PFN_cuDeviceGetAttribute_v2000 device_get_attribute = nullptr;
-  PFN_cuDevicePrimaryCtxRetain_v7000 primary_ctx_retain = nullptr;
-  PFN_cuCtxSetCurrent_v4000 ctx_set_current = nullptr;
-  PFN_cuCtxGetDevice_v2000 ctx_get_device = nullptr;
-  PFN_cuLibraryLoadData_v12000 library_load_data = nullptr;
-  PFN_cuLibraryGetKernel_v12000 library_get_kernel = nullptr;
-  PFN_cuKernelGetFunction_v12000 kernel_get_function = nullptr;
-  PFN_cuKernelSetAttribute_v12000 kernel_set_attribute = nullptr;
-  PFN_cuLaunchKernelEx_v11060 launch_kernel_ex = nullptr;
-  PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode_tiled = nullptr;
+#define PREFIXLM_DRIVER_MEMBER(member, symbol, version) PFN_##symbol##_v##version member = nullptr;
+  PREFIXLM_DRIVER_ENTRY_POINTS(PREFIXLM_DRIVER_MEMBER)
+#undef PREFIXLM_DRIVER_MEMBER
   std::string error;  // why the driver could not be used; empty when it can
 };
 
@@ -61,27 +66,16 @@ Api open_driver() {
     api.error = "cuInit failed with CUDA error " + std::to_string(static_cast<int>(r));
     return api;
   }
-  bool ok = true;
   auto resolve = [&](auto& fn, const char* symbol) {
     void* p = nullptr;
     if (get_proc(symbol, &p, 12000, CU_GET_PROC_ADDRESS_DEFAULT) != CUDA_SUCCESS || !p) {
-      if (ok) api.error = std::string("the CUDA driver has no ") + symbol;
-      ok = false;
+      if (api.error.empty()) api.error = std::string("the CUDA driver has no ") + symbol;
     }
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
   };
-  resolve(api.get_error_string, "cuGetErrorString");
-  resolve(api.device_get, "cuDeviceGet");
-  resolve(api.device_get_attribute, "cuDeviceGetAttribute");
-  resolve(api.primary_ctx_retain, "cuDevicePrimaryCtxRetain");
-  resolve(api.ctx_set_current, "cuCtxSetCurrent");
-  resolve(api.ctx_get_device, "cuCtxGetDevice");
-  resolve(api.library_load_data, "cuLibraryLoadData");
-  resolve(api.library_get_kernel, "cuLibraryGetKernel");
-  resolve(api.kernel_get_function, "cuKernelGetFunction");
-  resolve(api.kernel_set_attribute, "cuKernelSetAttribute");
-  resolve(api.launch_kernel_ex, "cuLaunchKernelEx");
-  resolve(api.tensor_map_encode_tiled, "cuTensorMapEncodeTiled");
+#define PREFIXLM_DRIVER_RESOLVE(member, symbol, version) resolve(api.member, #symbol);
+  PREFIXLM_DRIVER_ENTRY_POINTS(PREFIXLM_DRIVER_RESOLVE)
+#undef PREFIXLM_DRIVER_RESOLVE
   return api;
 }
 
@@ -100,6 +94,14 @@ void check(CUresult result, const char* what) {
 }
 
 constexpr int kMaxDevices = 64;
+
+// The per-device caches below hold kMaxDevices entries.
+void check_device_index(int device) {
+  if (device < 0 || device >= kMaxDevices) {
+    throw std::runtime_error("prefixlm_fa3: device index " + std::to_string(device) +
+                             " is past the " + std::to_string(kMaxDevices) + " supported");
+  }
+}
 
 // Per kernel: its handle (context-independent) and, per device, the function of the device's
 // primary context with its shared-memory limit raised.
@@ -141,7 +143,7 @@ void launch_with_pointers(const Kernel& kernel, const LaunchShape& shape, CUstre
   const Api& a = api();
   CUdevice device = 0;
   check(a.ctx_get_device(&device), "cuCtxGetDevice");
-  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("prefixlm_fa3: device index");
+  check_device_index(device);
   CUfunction function = nullptr;
   {
     std::lock_guard<std::mutex> lock(cache_mutex());
@@ -176,7 +178,7 @@ void launch_with_pointers(const Kernel& kernel, const LaunchShape& shape, CUstre
 
 void set_device(int device) {
   static CUcontext contexts[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("prefixlm_fa3: device index");
+  check_device_index(device);
   const Api& a = api();
   {
     std::lock_guard<std::mutex> lock(cache_mutex());
@@ -191,7 +193,7 @@ void set_device(int device) {
 
 int multiprocessor_count(int device) {
   static int counts[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("prefixlm_fa3: device index");
+  check_device_index(device);
   if (counts[device] == 0) {
     CUdevice dev = 0;
     check(api().device_get(&dev, device), "cuDeviceGet");

@@ -16,9 +16,8 @@ def report() -> str:
     lines = [
         f"prefixlm_fa3 {__version__}",
         (f"built with: CUDA {info['cuda']} kernels (ptxas; CUDA {info['frontend']} front end) "
-         f"for {info['arch']}, no CUDA runtime linked; needs a driver for CUDA "
-         f"{info['cuda'].split('.')[0]}.0 or newer "
-         f"({_library.MIN_DRIVER_BRANCH.get(int(info['cuda'].split('.')[0]), '?')} or newer)")
+         f"for {info['arch']}, no CUDA runtime linked; needs a driver for "
+         f"{_library.driver_requirement(info['cuda'])}")
         if info else "built with: no build information (extension not built here)",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}",
         f"driver: supports CUDA {driver[0]}.{driver[1]}" if driver else "driver: none found",

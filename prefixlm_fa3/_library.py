@@ -83,6 +83,14 @@ def build_info() -> dict:
 MIN_DRIVER_BRANCH = {12: "R525", 13: "R580"}
 
 
+def driver_requirement(built: str) -> str:
+    """The driver a build's kernels need, from their CUDA release ("12.9"): e.g.
+    "CUDA 12.0 or newer (R525 or newer)"."""
+    major = int(built.split(".")[0])
+    branch = MIN_DRIVER_BRANCH.get(major)
+    return f"CUDA {major}.0 or newer" + (f" ({branch} or newer)" if branch else "")
+
+
 def driver_cuda_version() -> tuple[int, int] | None:
     """The newest CUDA release the installed driver supports (cuDriverGetVersion), e.g.
     (13, 0) for an R580 driver; None without a driver."""
@@ -117,10 +125,9 @@ def check_device(device_index: int) -> None:
     if built is not None and driver is not None:
         need = (int(built.split(".")[0]), 0)  # CUDA minor-version compatibility: major.0
         if driver < need:
-            branch = MIN_DRIVER_BRANCH.get(need[0], "a newer driver")
             raise RuntimeError(
                 f"prefixlm_fa3: the kernels were built with CUDA {built} (ptxas), which needs an "
-                f"NVIDIA driver for CUDA {need[0]}.0 or newer ({branch} or newer); the installed "
+                f"NVIDIA driver for {driver_requirement(built)}; the installed "
                 f"driver supports CUDA {driver[0]}.{driver[1]}. Update the driver, or install a "
                 "build whose kernels come from the CUDA 12 ptxas, which runs on R525 and newer "
                 "(README, 'Set up').")

@@ -56,21 +56,21 @@ def test_device_check_names_the_gpu_and_the_driver(monkeypatch):
     with pytest.raises(RuntimeError, match=r"built for sm_90a .*A100-SXM4-80GB \(sm_80\)"):
         _library.check_device(0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
-    monkeypatch.setattr(_library, "build_info", lambda: {"cuda": "13.0", "arch": "sm_90a"})
-    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (12, 8))
-    with pytest.raises(RuntimeError, match=r"built with CUDA 13.0.*driver supports CUDA 12.8"):
+
+    def check(built, driver):
+        monkeypatch.setattr(_library, "_checked_devices", set())
+        monkeypatch.setattr(_library, "build_info", lambda: {"cuda": built, "arch": "sm_90a"})
+        monkeypatch.setattr(_library, "driver_cuda_version", lambda: driver)
         _library.check_device(0)
-    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (13, 0))
-    _library.check_device(0)
+
+    with pytest.raises(RuntimeError, match=r"built with CUDA 13.0.*driver supports CUDA 12.8"):
+        check("13.0", (12, 8))
+    check("13.0", (13, 0))
     assert 0 in _library._checked_devices
     # Kernels from the CUDA 12 ptxas: any CUDA 12 driver, not an 11.x one.
-    monkeypatch.setattr(_library, "_checked_devices", set())
-    monkeypatch.setattr(_library, "build_info", lambda: {"cuda": "12.9", "arch": "sm_90a"})
-    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (11, 8))
     with pytest.raises(RuntimeError, match=r"CUDA 12.0 or newer \(R525 or newer\)"):
-        _library.check_device(0)
-    monkeypatch.setattr(_library, "driver_cuda_version", lambda: (12, 2))
-    _library.check_device(0)
+        check("12.9", (11, 8))
+    check("12.9", (12, 2))
 
 
 @pytest.mark.skipif(not BUILT, reason="extension not built (pip install -e . builds it)")
