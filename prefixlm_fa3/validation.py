@@ -73,7 +73,20 @@ def _check_rows_heads_dim(name: str, t: torch.Tensor, q: torch.Tensor, shape: tu
     _check_layout(name, t, check_alignment)
 
 
+def require_cu_seqlens(cu_seqlens_q, cu_seqlens_k) -> None:
+    """FlashAttention-3's dense layout (cu_seqlens None, q of shape (B, L, H, D)) is not
+    taken: the kernels address packed rows through cu_seqlens."""
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t is None:
+            raise TypeError(
+                f"prefixlm_fa3: {name} is required (the dense layout with cu_seqlens=None is "
+                "not supported); for a (B, L, H, D) batch pass q.reshape(B * L, H, D) and "
+                "cu_seqlens = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)")
+
+
 def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, length: int | None) -> None:
+    if t is None:
+        raise TypeError(f"prefixlm_fa3: {name} is required, got None")
     if t.dtype != torch.int32:
         raise TypeError(f"prefixlm_fa3: {name} must be int32, got {t.dtype}")
     _check_device(name, t, q)

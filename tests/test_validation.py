@@ -232,3 +232,14 @@ def test_validation_accepts_consistent_metadata(monkeypatch):
                                  b.max_seqlen_k, b.seqused_q, b.seqused_k, b.prefix_lens,
                                  causal=True, validate=True)
     assert out.shape == b.q.shape
+
+
+@pytest.mark.parametrize("name", ["cu_seqlens_q", "cu_seqlens_k"])
+def test_missing_cu_seqlens_names_the_argument(name):
+    """FlashAttention-3 callers pass cu_seqlens=None for a dense batch: a TypeError that names
+    the argument and says how to pack, not an AttributeError from deep inside."""
+    args = _valid_fwd()
+    args[name] = None
+    with pytest.raises(TypeError, match=f"^prefixlm_fa3: {name} is required .*reshape"):
+        flash_attn_varlen_func(args["q"], args["k"], args["v"], args["cu_seqlens_q"],
+                               args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"])
