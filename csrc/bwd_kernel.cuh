@@ -563,86 +563,41 @@ __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool key
   }
 }
 
-// 4 x 4 transpose of 32-bit values over the 4 lanes of a quad (two butterfly exchanges):
-// on entry v[k] is this lane's value of item k; on return v[k] is lane k's value of item
-// `lane % 4`. Every lane of the warp must call it.
-__device__ inline void quad_transpose4(uint32_t (&v)[4], int lane) {
-  const bool hi = lane & 2;  // exchange items 2, 3 of the low lanes with items 0, 1 of the high
-  const uint32_t r0 = __shfl_xor_sync(0xffffffff, hi ? v[0] : v[2], 2);
-  const uint32_t r1 = __shfl_xor_sync(0xffffffff, hi ? v[1] : v[3], 2);
-  if (hi) {
-    v[0] = r0;
-    v[1] = r1;
-  } else {
-    v[2] = r0;
-    v[3] = r1;
-  }
-  const bool odd = lane & 1;  // then items 1, 3 of the even lanes with items 0, 2 of the odd
-  const uint32_t u0 = __shfl_xor_sync(0xffffffff, odd ? v[0] : v[1], 1);
-  const uint32_t u1 = __shfl_xor_sync(0xffffffff, odd ? v[2] : v[3], 1);
-  if (odd) {
-    v[0] = u0;
-    v[2] = u1;
-  } else {
-    v[1] = u0;
-    v[3] = u1;
-  }
-}
-
 // Epilogue: dK (scaled) and dV of the tile's key rows below Lk (`rows`), summed over the
-// group's query heads, in 16-byte stores. In the accumulator the 4 lanes of a quad share a
-// row and each holds 2 of every 8 consecutive columns; a transpose over the quad gives each
-// lane 8 consecutive columns of one chunk in four. With one 4-byte store per pair (before),
-// the stores filled the global store queue (ncu, full 2k D=128: "lg" throttle, 9% of all
-// stall samples in the epilogue). tdKrdK / tdVrdV: the (keys, D) accumulators of this
-// warpgroup's keys; tdKcdK: their coordinates in the (kBlockN, D) tile; key0: the tile's
-// first row of k. Row and head strides are multiples of 8 elements (validation.py).
+// group's query heads, in 16-byte stores (store_row_16b: 16 per thread instead of 64 pair
+// stores, which filled the global store queue: ncu, full 2k D=128, "lg" throttle on 9% of
+// all stall samples). tdKrdK / tdVrdV: the (keys, D) accumulators of this warpgroup's keys;
+// tdKcdK: their coordinates in the (kBlockN, D) tile; key0: the tile's first row of k. Row
+// strides are multiples of 8 elements (validation.py), so every chunk is 16-byte aligned.
 template <class Traits, class Acc, class Coord>
 __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVrdV,
                                      const Coord& tdKcdK, int64_t key0, int head_k, int rows) {
   using Element = typename Traits::Element;
-  using Pair = cutlass::Array<Element, 2>;
   Tensor dk_acc = make_tensor(tdKrdK.data(), accum_rowcol(tdKrdK.layout()));  // (keys, D)
   Tensor dv_acc = make_tensor(tdVrdV.data(), accum_rowcol(tdVrdV.layout()));
   Tensor coord = make_tensor(tdKcdK.data(), accum_rowcol(tdKcdK.layout()));
-  constexpr int kPairs = decltype(size<1>(dk_acc))::value / 2;  // one per 8-column chunk
-  static_assert(kPairs % 4 == 0, "chunks come in groups of 4");
+  constexpr int kCols = decltype(size<1>(dk_acc))::value;
   Element* dk_tile = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row +
                      head_k * bp.dk_stride.head;
   Element* dv_tile = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row +
                      head_k * bp.dv_stride.head;
   const float scale = bp.p.softmax_scale;
   const int lane = threadIdx.x % 32;
-  auto pack = [](float x, float y) {
-    Pair pair;
-    pair[0] = Element(x);
-    pair[1] = Element(y);
-    return reinterpret_cast<const uint32_t&>(pair);
-  };
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < size<0>(dk_acc); ++r) {
     const int row = get<0>(coord(r, 0));
-    // This lane's first column is 2 (lane % 4): after the transpose it owns chunk 4 g + lane % 4.
-    const int col0 = 4 * get<1>(coord(r, 0));
-    CUTLASS_PRAGMA_UNROLL
-    for (int g = 0; g < kPairs / 4; ++g) {
-      uint32_t k4[4], v4[4];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int c = 2 * (4 * g + i);
-        k4[i] = pack(dk_acc(r, c) * scale, dk_acc(r, c + 1) * scale);
-        v4[i] = pack(dv_acc(r, c), dv_acc(r, c + 1));
-      }
-      quad_transpose4(k4, lane);
-      quad_transpose4(v4, lane);
-      if (row < rows) {
-        const int col = col0 + 32 * g;
-        *reinterpret_cast<uint4*>(dk_tile + row * bp.dk_stride.row + col) =
-            make_uint4(k4[0], k4[1], k4[2], k4[3]);
-        *reinterpret_cast<uint4*>(dv_tile + row * bp.dv_stride.row + col) =
-            make_uint4(v4[0], v4[1], v4[2], v4[3]);
-      }
-    }
+    Element* dk_row = dk_tile + row * bp.dk_stride.row;
+    Element* dv_row = dv_tile + row * bp.dv_stride.row;
+    store_row_16b<kCols>(
+        lane, [&](int c) { return pack_pair<Element>(dk_acc(r, c) * scale, dk_acc(r, c + 1) * scale); },
+        [&](int col, uint4 chunk) {
+          if (row < rows) *reinterpret_cast<uint4*>(dk_row + col) = chunk;
+        });
+    store_row_16b<kCols>(
+        lane, [&](int c) { return pack_pair<Element>(dv_acc(r, c), dv_acc(r, c + 1)); },
+        [&](int col, uint4 chunk) {
+          if (row < rows) *reinterpret_cast<uint4*>(dv_row + col) = chunk;
+        });
   }
 }
 

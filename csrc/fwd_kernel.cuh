@@ -278,30 +278,31 @@ __device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread)
 }
 
 // Epilogue of one tile: O / rowsum in the input precision and the LSE, real rows only
-// (padding rows belong to zero records).
+// (padding rows belong to zero records). O in 16-byte stores (store_row_16b). Row strides
+// are multiples of 8 elements (validation.py), so every chunk is 16-byte aligned.
 template <class Traits, class TensorO, class TensorC, int kRows>
 __device__ inline void fwd_store_tile(const FwdParams& fp, const WorkRecord& rec, int head,
                                       TensorO const& acc_o, TensorC const& acc_o_coord,
                                       const float (&inv_sum)[kRows], const float (&lse)[kRows]) {
   using Element = typename Traits::Element;
+  constexpr int kCols = decltype(size<1>(acc_o))::value;
   const int m0 = rec.block * Traits::kBlockM;
   const int64_t row_base = rec.q_start + m0;
   Element* out_tile = static_cast<Element*>(fp.out) + row_base * fp.o_stride.row +
                       head * fp.o_stride.head;
+  const int lane = threadIdx.x % 32;
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int row = get<0>(acc_o_coord(r, 0));
-    if (m0 + row >= rec.len_q) continue;
-    CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < size<1>(acc_o); c += 2) {
-      const int col = get<1>(acc_o_coord(r, c));
-      using Pair = cutlass::Array<Element, 2>;
-      Pair v;
-      v[0] = Element(acc_o(r, c) * inv_sum[r]);
-      v[1] = Element(acc_o(r, c + 1) * inv_sum[r]);
-      *reinterpret_cast<Pair*>(out_tile + row * fp.o_stride.row + col) = v;
-    }
-    if (get<1>(acc_o_coord(r, 0)) == 0) {
+    const bool real = m0 + row < rec.len_q;
+    Element* out_row = out_tile + row * fp.o_stride.row;
+    store_row_16b<kCols>(
+        lane,
+        [&](int c) { return pack_pair<Element>(acc_o(r, c) * inv_sum[r], acc_o(r, c + 1) * inv_sum[r]); },
+        [&](int col, uint4 chunk) {
+          if (real) *reinterpret_cast<uint4*>(out_row + col) = chunk;
+        });
+    if (real && get<1>(acc_o_coord(r, 0)) == 0) {
       fp.softmax_lse[static_cast<int64_t>(head) * fp.p.total_q + row_base + row] = lse[r];
     }
   }

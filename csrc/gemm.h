@@ -71,4 +71,61 @@ __host__ __device__ constexpr auto accum_as_operand_a(Layout l) {
                      coalesce(make_layout(get<0, 1>(groups), get<2>(l))));
 }
 
+
+// 4 x 4 transpose of 32-bit values over the 4 lanes of a quad (two butterfly exchanges):
+// on entry v[k] is this lane's value of item k; on return v[k] is lane k's value of item
+// `lane % 4`. Every lane of the warp must call it.
+__device__ inline void quad_transpose4(uint32_t (&v)[4], int lane) {
+  const bool hi = lane & 2;  // exchange items 2, 3 of the low lanes with items 0, 1 of the high
+  const uint32_t r0 = __shfl_xor_sync(0xffffffff, hi ? v[0] : v[2], 2);
+  const uint32_t r1 = __shfl_xor_sync(0xffffffff, hi ? v[1] : v[3], 2);
+  if (hi) {
+    v[0] = r0;
+    v[1] = r1;
+  } else {
+    v[2] = r0;
+    v[3] = r1;
+  }
+  const bool odd = lane & 1;  // then items 1, 3 of the even lanes with items 0, 2 of the odd
+  const uint32_t u0 = __shfl_xor_sync(0xffffffff, odd ? v[0] : v[1], 1);
+  const uint32_t u1 = __shfl_xor_sync(0xffffffff, odd ? v[2] : v[3], 1);
+  if (odd) {
+    v[0] = u0;
+    v[2] = u1;
+  } else {
+    v[1] = u0;
+    v[3] = u1;
+  }
+}
+
+// One row of a wgmma accumulator's (rows, cols) view, converted to 16-bit pairs, in 16-byte
+// chunks. The 4 lanes of a quad share the row and each holds 2 of every 8 consecutive
+// columns (columns 8 j + 2 (lane % 4) + {0, 1} for kCols / 2 values of j); after a transpose
+// over the quad, this lane owns chunks j = 4 g + lane % 4, i.e. columns 32 g + 8 (lane % 4)
+// .. + 7. pair(c) packs the row's values c and c + 1 (one 32-bit word); store(col, chunk)
+// writes the chunk that starts at column col. Every lane of the warp must call it (store may
+// skip rows). One 16-byte store per 8 columns instead of four 4-byte ones: per-pair stores
+// filled the global store queue (ncu: "lg" throttle stalls in the epilogues).
+template <int kCols, class PairFn, class StoreFn>
+__device__ inline void store_row_16b(int lane, PairFn&& pair, StoreFn&& store) {
+  static_assert(kCols % 8 == 0, "a row's pairs come in groups of 4");
+  CUTLASS_PRAGMA_UNROLL
+  for (int g = 0; g < kCols / 8; ++g) {
+    uint32_t v[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < 4; ++i) v[i] = pair(2 * (4 * g + i));
+    quad_transpose4(v, lane);
+    store(32 * g + 8 * (lane % 4), make_uint4(v[0], v[1], v[2], v[3]));
+  }
+}
+
+// Two accumulator values as one 32-bit word of 16-bit elements.
+template <class Element>
+__device__ inline uint32_t pack_pair(float x, float y) {
+  cutlass::Array<Element, 2> pair;
+  pair[0] = Element(x);
+  pair[1] = Element(y);
+  return reinterpret_cast<const uint32_t&>(pair);
+}
+
 }  // namespace prefixlm
