@@ -897,6 +897,13 @@ __device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& p
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();  // barrier initialisation is visible to every warp
+  // Launched as the preprocess's programmatic dependent (bwd_launch.cuh): everything above
+  // overlapped its last CTAs; from here on the schedule, LSE, D, the cleared accumulator and
+  // semaphores are complete and visible. The postprocess may launch now: it waits for this
+  // whole grid (it cannot become resident beside a CTA of this kernel, which holds the SM's
+  // registers, so it takes SMs only as this kernel's CTAs exit).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
   const ScheduleCounts* counts = schedule_counts(params.ws.schedule);
   const int num_block_tiles = counts->num_blocks * params.bp.p.num_heads_k;

@@ -74,13 +74,20 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
   kp.tile_counter = &static_cast<ScheduleCounts*>(ws.schedule)->tile_counter;
   kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
 
+  // Programmatic dependent launches (bwd-notes v18): the main kernel after the
+  // preprocess, the postprocess after whichever ran last; each waits (griddepcontrol.wait)
+  // for its predecessor's grid before it reads that grid's writes. Saves the launch gaps and
+  // the main kernel's prologue, a few us that matter on short batches.
   if (has_k) {
     driver::launch(kernels.main,
-                   {static_cast<unsigned>(bp.num_sms), Traits::kThreads, Traits::kSmemBytes},
+                   {static_cast<unsigned>(bp.num_sms), Traits::kThreads, Traits::kSmemBytes,
+                    /*after_programmatic=*/true},
                    stream, kp);
   }
   if (post_blocks > 0) {
-    driver::launch(kernels.postprocess, {static_cast<unsigned>(post_blocks), kPrePostThreads},
+    driver::launch(kernels.postprocess,
+                   {static_cast<unsigned>(post_blocks), kPrePostThreads, 0,
+                    /*after_programmatic=*/true},
                    stream, bp, ws);
   }
 }

@@ -64,6 +64,10 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
   constexpr int kVec = 8;                   // elements per thread: one 16-byte load
   constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
   const VarlenProblem& p = bp.p;
+  // The main kernel is launched as this kernel's programmatic dependent (bwd_launch.cuh): it
+  // may start once every CTA of this grid has, and waits for the whole grid before it reads
+  // anything written here.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (blockIdx.x == 0) {
     build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(bp.deterministic),
                                           schedule_capacity, ws.schedule);
@@ -122,6 +126,9 @@ __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const 
   constexpr int kVec = 8;
   constexpr int kLanes = kHeadDim / kVec;
   const VarlenProblem& p = bp.p;
+  // Launched as the main kernel's programmatic dependent: the accumulator is complete and
+  // visible only once that grid has finished.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kPrePostThreads + threadIdx.x;
   const int64_t group = idx / kLanes;
   const int lane = static_cast<int>(idx % kLanes);
