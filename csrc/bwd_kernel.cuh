@@ -591,12 +591,12 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
     store_row_16b<kCols>(
         lane, [&](int c) { return pack_pair<Element>(dk_acc(r, c) * scale, dk_acc(r, c + 1) * scale); },
         [&](int col, uint4 chunk) {
-          if (row < rows) *reinterpret_cast<uint4*>(dk_row + col) = chunk;
+          if (row < rows) st_global_16b(dk_row + col, chunk);
         });
     store_row_16b<kCols>(
         lane, [&](int c) { return pack_pair<Element>(dv_acc(r, c), dv_acc(r, c + 1)); },
         [&](int col, uint4 chunk) {
-          if (row < rows) *reinterpret_cast<uint4*>(dv_row + col) = chunk;
+          if (row < rows) st_global_16b(dv_row + col, chunk);
         });
   }
 }

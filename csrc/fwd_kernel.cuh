@@ -300,7 +300,7 @@ __device__ inline void fwd_store_tile(const FwdParams& fp, const WorkRecord& rec
         lane,
         [&](int c) { return pack_pair<Element>(acc_o(r, c) * inv_sum[r], acc_o(r, c + 1) * inv_sum[r]); },
         [&](int col, uint4 chunk) {
-          if (real) *reinterpret_cast<uint4*>(out_row + col) = chunk;
+          if (real) st_global_16b(out_row + col, chunk);
         });
     if (real && get<1>(acc_o_coord(r, 0)) == 0) {
       fp.softmax_lse[static_cast<int64_t>(head) * fp.p.total_q + row_base + row] = lse[r];

@@ -119,6 +119,15 @@ __device__ inline void store_row_16b(int lane, PairFn&& pair, StoreFn&& store) {
   }
 }
 
+// One 16-byte global store. Written as `*(uint4*)p = v`, ptxas split some chunks into four
+// 4-byte stores (the transpose leaves the words in scattered registers); the vector store
+// makes it move them together instead.
+__device__ inline void st_global_16b(void* ptr, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 // Two accumulator values as one 32-bit word of 16-bit elements.
 template <class Element>
 __device__ inline uint32_t pack_pair(float x, float y) {
