@@ -5,8 +5,8 @@ The forward's speed rests on a schedule ptxas is free to undo: the softmax of ke
 for O += P V of block n+1, so the tensor cores work on P V while the softmax runs. ptxas hoists
 a wgmma wait to the top of its basic block unless something pins it (csrc/fwd_kernel.cuh,
 `softmax_pin`); a compiler that silently drops that overlap must fail here. The backward must
-keep products in flight (no wgmma serialisation), and no kernel may use local memory (spills,
-stack arrays).
+keep products in flight (no wgmma serialisation), the epilogues must write 16-byte chunks, and
+no kernel may use local memory (spills, stack arrays).
 
 Needs the built extension, and cuobjdump with nvdisasm beside it (CUDA toolkit, or the pip
 packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which the README's set-up installs).
@@ -161,3 +161,19 @@ def test_no_local_memory(sass):
     for name, code in sass.items():
         local = [ins for _, ins in code if re.match(r"(@!?U?P\w+ )?(LDL|STL)\b", ins)]
         assert not local, f"{name} uses local memory (spills or stack arrays): {local[:3]}"
+
+
+def test_epilogues_store_16_bytes(sass):
+    """O (forward) and dK / dV (backward) leave the accumulators through a transpose over each
+    quad and 16-byte stores (gemm.h, store_row_16b). One 4-byte store per pair filled the
+    global store queue (bwd-notes v17: +5-10% on 512-2k-token batches), and ptxas splits a
+    chunk into 4-byte stores when it can (bwd-notes v19). What may stay narrower: the
+    forward's LSE (one float per row)."""
+    names = [n for n in sass if re.match(r"prefixlm_(fwd|bwd)_d", n)]
+    assert len(names) >= 12, f"expected the forward and backward main kernels, found {names}"
+    for name in names:
+        wide = sum(bool(re.search(r"\bSTG\.E\.128\b", ins)) for _, ins in sass[name])
+        narrow = [ins for _, ins in sass[name] if re.search(r"\bSTG\.E(\.64)?\s", ins)]
+        assert wide >= 4, f"{name}: {wide} 16-byte stores, expected the epilogue's chunks"
+        limit = 4 if name.startswith("prefixlm_fwd_") else 0
+        assert len(narrow) <= limit, f"{name}: narrow global stores {narrow[:4]}"
