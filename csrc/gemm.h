@@ -71,7 +71,6 @@ __host__ __device__ constexpr auto accum_as_operand_a(Layout l) {
                      coalesce(make_layout(get<0, 1>(groups), get<2>(l))));
 }
 
-
 // 4 x 4 transpose of 32-bit values over the 4 lanes of a quad (two butterfly exchanges):
 // on entry v[k] is this lane's value of item k; on return v[k] is lane k's value of item
 // `lane % 4`. Every lane of the warp must call it.
