@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .validation import check_fwd_inputs, require_cu_seqlens, validate_metadata
+from .validation import check_fwd_inputs, validate_metadata
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -62,7 +62,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     synchronising once. Returns out, or (out, softmax_lse) with return_lse=True; softmax_lse
     ((H, total_q) float32, natural log) receives no gradient.
     """
-    require_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if validate:

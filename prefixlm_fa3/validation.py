@@ -85,8 +85,6 @@ def require_cu_seqlens(cu_seqlens_q, cu_seqlens_k) -> None:
 
 
 def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, length: int | None) -> None:
-    if t is None:
-        raise TypeError(f"prefixlm_fa3: {name} is required, got None")
     if t.dtype != torch.int32:
         raise TypeError(f"prefixlm_fa3: {name} must be int32, got {t.dtype}")
     _check_device(name, t, q)
@@ -131,6 +129,7 @@ def check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, 
     _check_layout("k", k, check_alignment)
     _check_layout("v", v, check_alignment)
 
+    require_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
     _check_int32_vector("cu_seqlens_q", cu_seqlens_q, q, None)
     if cu_seqlens_q.shape[0] < 1:
         raise _fail("cu_seqlens_q must have B + 1 >= 1 entries, got 0")
