@@ -71,30 +71,29 @@ __host__ __device__ constexpr auto accum_as_operand_a(Layout l) {
                      coalesce(make_layout(get<0, 1>(groups), get<2>(l))));
 }
 
-// 4 x 4 transpose of 32-bit values over the 4 lanes of a quad (two butterfly exchanges):
-// on entry v[k] is this lane's value of item k; on return v[k] is lane k's value of item
-// `lane % 4`. Every lane of the warp must call it.
+// One butterfly step over a quad: each lane trades two of its items with lane ^ kMask. Lanes
+// with that bit set send items kSet0, kSet1 and receive into them; the others likewise with
+// kClear0, kClear1.
+template <int kMask, int kSet0, int kSet1, int kClear0, int kClear1>
+__device__ inline void quad_exchange(uint32_t (&v)[4], int lane) {
+  const bool set = lane & kMask;
+  const uint32_t r0 = __shfl_xor_sync(0xffffffff, set ? v[kSet0] : v[kClear0], kMask);
+  const uint32_t r1 = __shfl_xor_sync(0xffffffff, set ? v[kSet1] : v[kClear1], kMask);
+  if (set) {  // constant indices: the items stay in registers
+    v[kSet0] = r0;
+    v[kSet1] = r1;
+  } else {
+    v[kClear0] = r0;
+    v[kClear1] = r1;
+  }
+}
+
+// 4 x 4 transpose of 32-bit values over the 4 lanes of a quad: on entry v[k] is this lane's
+// value of item k; on return v[k] is lane k's value of item `lane % 4`. Every lane of the
+// warp must call it.
 __device__ inline void quad_transpose4(uint32_t (&v)[4], int lane) {
-  const bool hi = lane & 2;  // exchange items 2, 3 of the low lanes with items 0, 1 of the high
-  const uint32_t r0 = __shfl_xor_sync(0xffffffff, hi ? v[0] : v[2], 2);
-  const uint32_t r1 = __shfl_xor_sync(0xffffffff, hi ? v[1] : v[3], 2);
-  if (hi) {
-    v[0] = r0;
-    v[1] = r1;
-  } else {
-    v[2] = r0;
-    v[3] = r1;
-  }
-  const bool odd = lane & 1;  // then items 1, 3 of the even lanes with items 0, 2 of the odd
-  const uint32_t u0 = __shfl_xor_sync(0xffffffff, odd ? v[0] : v[1], 1);
-  const uint32_t u1 = __shfl_xor_sync(0xffffffff, odd ? v[2] : v[3], 1);
-  if (odd) {
-    v[0] = u0;
-    v[2] = u1;
-  } else {
-    v[1] = u0;
-    v[3] = u1;
-  }
+  quad_exchange<2, 0, 1, 2, 3>(v, lane);  // items 2, 3 of the low lanes <-> 0, 1 of the high
+  quad_exchange<1, 0, 2, 1, 3>(v, lane);  // items 1, 3 of the even lanes <-> 0, 2 of the odd
 }
 
 // One row of a wgmma accumulator's (rows, cols) view, converted to 16-bit pairs, in 16-byte
