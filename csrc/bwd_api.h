@@ -34,8 +34,8 @@ struct BwdParams {
 __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
 // Alignment of a slot's accumulator rows: a multiple of every bwd_block_m.
 constexpr int kBwdAccumAlign = 128;
-// Deterministic mode keeps one dQ semaphore per kBwdSemaphoreRows accumulator rows (the
-// smallest query block), enough for every block size.
+// One dq_semaphore word per kBwdSemaphoreRows accumulator rows (the smallest query block),
+// enough for every block size.
 constexpr int kBwdSemaphoreRows = 64;
 // Key rows per tile of the backward (the schedule's block size).
 constexpr int kBwdBlockN = 128;
@@ -75,14 +75,17 @@ inline int bwd_accum_rows(const VarlenProblem& p) {
 // Pieces of the backward's device workspace, carved out of one byte buffer.
 struct BwdWorkspace {
   void* schedule;
-  // (H, accum_rows, D) fp32, cleared by the preprocess. The 8-float chunks of accumulator
+  // (H, accum_rows, D) fp32, written by the main kernel (first write of a block a store, the
+  // others adds; blocks no key block writes are never read). The 8-float chunks of accumulator
   // row r are permuted by chunk ^ (r % 8) (BwdTraits::SmemLayoutdQ: the kernel stores its
   // fragments to shared memory that way without bank conflicts and adds the block as it is;
   // the postprocess undoes the permutation).
   float* dq_accum;
   float* lse_log2;  // (H, accum_rows): LSE in log2 units; +inf for rows that are not real
   float* dpsum;     // (H, accum_rows): rowsum(dO * O); 0 for rows that are not real
-  // (H, accum_rows / kBwdSemaphoreRows): deterministic mode's dQ turn counters
+  // (H, accum_rows / kBwdSemaphoreRows), cleared by the preprocess: one word per block of
+  // the accumulator, the block's first-write flag, or deterministic mode's dQ turn counter
+  // (bwd_dq_writer)
   int* dq_semaphore;
   int accum_rows;
 };

@@ -9,9 +9,10 @@
 //   dV += P^T dO,  dK += dS^T Q                                    (P^T, dS^T from registers)
 //   dQ  = dS K     dS through shared memory (the warpgroups meet: dQ needs all 128 keys);
 //                  each warpgroup computes half of the block's dQ (fp32) into shared memory,
-//                  from where the dQ writer adds the whole block to the fp32 accumulator in
-//                  global memory with one bulk asynchronous reduction, so the compute
-//                  warpgroups never wait on it
+//                  from where the dQ writer writes the whole block to the fp32 accumulator
+//                  in global memory with one bulk asynchronous operation (the block's first
+//                  write a store, the others reductions), so the compute warpgroups never
+//                  wait on it
 // dK and dV (summed over the group's query heads) are written once per tile.
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
@@ -49,8 +50,8 @@ using namespace cute;
 // One query block's dQ, described by the producer warp for the dQ writer.
 struct DqJob {
   int64_t offset;  // float offset of the block in the accumulator; < 0 ends the writer
-  int semaphore;   // deterministic mode: index into dq_semaphore, else -1
-  int turn;        // deterministic mode: add when the semaphore equals this (dq_turn)
+  int flag;        // the block's word in dq_semaphore
+  int turn;        // ordered (deterministic) mode: add when the word equals this (dq_turn); else -1
 };
 
 template <int kHeadDim_, class Element_>
@@ -224,6 +225,32 @@ __device__ inline QueryRange bwd_query_range(const WorkRecord& rec, const MaskIn
   return {first / Traits::kBlockM, (mask.len_q + Traits::kBlockM - 1) / Traits::kBlockM};
 }
 
+// The order in which a key block visits its query blocks [m_begin, m_end): from `start` to
+// the end, then from m_begin. Non-deterministic mode starts at the key block's own diagonal
+// (n kBlockN / kBlockM, clamped to the range): under the full mask, and in a PrefixLM
+// prefix, every key block of a sequence would otherwise start at query block 0 and run in
+// lockstep, all adding to the same dQ block at once, and waiting there for its first write
+// to land (bwd_dq_writer). Under a causal mask the range already starts at the diagonal.
+// Deterministic mode keeps the natural order, which its turns (dq_turn) assume.
+struct QueryOrder {
+  int m_begin;
+  int m_end;
+  int start;
+  __device__ int count() const { return m_end - m_begin; }
+  __device__ int at(int step) const {
+    const int m = start + step;
+    return m < m_end ? m : m - (m_end - m_begin);
+  }
+};
+template <class Traits>
+__device__ inline QueryOrder bwd_query_order(const WorkRecord& rec, const QueryRange& range,
+                                             bool deterministic) {
+  const int diagonal = rec.block * Traits::kBlockN / Traits::kBlockM;
+  const int start = deterministic ? range.m_begin
+                                  : max(range.m_begin, min(diagonal, range.m_end - 1));
+  return {range.m_begin, range.m_end, start};
+}
+
 // The same pointer, opaque to the compiler: values derived from it are recomputed where used
 // instead of being hoisted out of the loop.
 template <class T>
@@ -311,21 +338,22 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
   int kv_loads = 0;
   int jobs = 0;
   // Hands the dQ writer its next job (ring of kDqJobs, see BwdTraits).
-  auto publish_job = [&](int64_t offset, int semaphore, int turn) {
+  auto publish_job = [&](int64_t offset, int flag, int turn) {
     const int slot = jobs % Traits::kDqJobs;
     if (jobs >= Traits::kDqJobs) {
       wait_barrier(&ss.job_empty[slot], (jobs / Traits::kDqJobs - 1) & 1);
     }
     if (leader) {
-      ss.dq_jobs[slot] = DqJob{offset, semaphore, turn};
+      ss.dq_jobs[slot] = DqJob{offset, flag, turn};
       cutlass::arch::ClusterBarrier::arrive(&ss.job_full[slot]);  // release: orders the store
     }
     __syncwarp();
     ++jobs;
   };
-  // Deterministic mode: semaphores per (head, accumulator block), unique per (slot, query
-  // block) when slot starts do not decrease; otherwise slots overlap (the result is
-  // meaningless anyway) and the adds go unordered, so that no turn can be waited for forever.
+  // One word of dq_semaphore per (head, accumulator block), unique per (slot, query block)
+  // when slot starts do not decrease. Deterministic mode orders the adds by it; if slot starts
+  // decrease, slots overlap (the result is meaningless anyway) and the adds go unordered, so
+  // that no turn can be waited for forever.
   const bool ordered =
       params.bp.deterministic && schedule_counts(params.ws.schedule)->q_slots_ordered;
   const int accum_rows = params.ws.accum_rows;
@@ -378,7 +406,9 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
       // This slot's rows in the accumulator-row workspace (BwdWorkspace), head h.
       const int64_t slot_rows = static_cast<int64_t>(h) * accum_rows +
                                 bwd_accum_row0(rec.q_start, rec.batch);
-      for (int m = range.m_begin; m < range.m_end; ++m) {
+      const QueryOrder order = bwd_query_order<Traits>(rec, range, params.bp.deterministic);
+      for (int step = 0; step < order.count(); ++step) {
+        const int m = order.at(step);
         wait_barrier(&ss.qdo_empty[stage], empty_phase);
         uint64_t* full = &ss.qdo_full[stage];
         const int64_t block_row = slot_rows + m * kBlockM;
@@ -395,20 +425,37 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
           stage = 0;
           empty_phase ^= 1;
         }
-        publish_job(block_row * kHeadDim, ordered ? static_cast<int>(block_row / kBlockM) : -1,
-                    ordered ? dq_turn<Traits>(mask, rec.block, m) : 0);
+        publish_job(block_row * kHeadDim, static_cast<int>(block_row / kBlockM),
+                    ordered ? dq_turn<Traits>(mask, rec.block, m) : -1);
       }
     }
   }
   publish_job(-1, -1, 0);  // the writer stops
 }
 
+// Asynchronous copy of `bytes` (a multiple of 16) from shared to global memory, both 16-byte
+// aligned; completes in this thread's current bulk group.
+__device__ inline void bulk_store(float* gmem, const float* smem, int bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem),
+               "r"(smem_address(smem)), "r"(bytes)
+               : "memory");
+}
+
 // The dQ writer (one thread of warp 1): for each query block the compute warpgroups hand
-// over in ss.dq (the producer describes it in a DqJob), adds the whole block to the fp32
-// accumulator with one bulk reduction (rows past Lq hold exact zeros and land in the slot's
-// own padding, see BwdWorkspace). Deterministic mode adds in a fixed key-block order per
-// (head, query block) (dq_turn): a block waits for the semaphore to reach its turn, adds,
-// waits for the add to complete, passes the turn on.
+// over in ss.dq (the producer describes it in a DqJob), writes the whole block to the fp32
+// accumulator with one bulk operation (rows past Lq hold exact zeros and land in the slot's
+// own padding, see BwdWorkspace). The accumulator is not cleared beforehand: the first write
+// of a block stores, the later ones add. The block's word in dq_semaphore (0 from the
+// preprocess) says which comes first and when the store has landed:
+// - unordered: the writer that moves the word from 0 to 1 stores, waits for the store to
+//   complete and sets 2; the others wait for 2, then add. A writer only ever waits for one
+//   that has already claimed the block, i.e. a running CTA, whose store depends on nothing
+//   but its own warpgroups.
+// - ordered (deterministic mode): the key blocks take turns (dq_turn); turn 0 stores. A
+//   block waits for the word to reach its turn, writes, waits for the write to complete,
+//   passes the turn on.
+// A word still 0 after the main kernel means no key block wrote the block: the postprocess
+// writes zeros there.
 template <class Traits>
 __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
                               typename Traits::SharedStorage& ss) {
@@ -420,20 +467,39 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
     const DqJob job = ss.dq_jobs[slot];
     cutlass::arch::ClusterBarrier::arrive(&ss.job_empty[slot]);
     if (job.offset < 0) break;
-    int* sem = job.semaphore >= 0 ? params.ws.dq_semaphore + job.semaphore : nullptr;
-    if (sem != nullptr) {
-      while (ld_acquire_gpu(sem) != job.turn) {
+    int* word = params.ws.dq_semaphore + job.flag;
+    const bool ordered = job.turn >= 0;
+    bool first;
+    if (ordered) {
+      while (ld_acquire_gpu(word) != job.turn) {
       }
-      asm volatile("fence.proxy.async.global;" ::: "memory");  // the add comes after the wait
+      first = job.turn == 0;
+      wait_barrier(&ss.dq_full[buffer], full_phase);
+    } else {
+      // Claimed once this block's dQ is in shared memory, so that the others wait for the
+      // store alone, not also for the claimer's warpgroups to finish the block.
+      wait_barrier(&ss.dq_full[buffer], full_phase);
+      first = atomicCAS(word, 0, 1) == 0;
+      if (!first) {
+        while (ld_acquire_gpu(word) != 2) {
+        }
+      }
     }
-    wait_barrier(&ss.dq_full[buffer], full_phase);
-    bulk_reduce_add_f32(params.ws.dq_accum + job.offset, ss.dq[buffer], Traits::kDqBlockBytes);
+    if (!first || ordered) {
+      asm volatile("fence.proxy.async.global;" ::: "memory");  // the write comes after the wait
+    }
+    float* dst = params.ws.dq_accum + job.offset;
+    if (first) {
+      bulk_store(dst, ss.dq[buffer], Traits::kDqBlockBytes);
+    } else {
+      bulk_reduce_add_f32(dst, ss.dq[buffer], Traits::kDqBlockBytes);
+    }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-    if (sem != nullptr) {
-      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the add is done
+    if (ordered || first) {
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the write is done
       asm volatile("fence.proxy.async.global;" ::: "memory");
       __threadfence();
-      st_release_gpu(sem, job.turn + 1);
+      st_release_gpu(word, ordered ? job.turn + 1 : 2);
     } else {
       asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
     }
@@ -750,8 +816,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
         bwd_consumers_sync();
       }
       for (int h = head_k * group; h < (head_k + 1) * group; ++h) {
-        for (int m = range.m_begin; m < range.m_end; ++m) {
-          const int m0 = m * kBlockM;
+        const QueryOrder order = bwd_query_order<Traits>(rec, range, bp.deterministic);
+        for (int step = 0; step < order.count(); ++step) {
+          const int m0 = order.at(step) * kBlockM;
           // wgmma smem descriptors, derived here from an opaque base each iteration: hoisted
           // out of the loop, the ~50 64-bit descriptors of the five products do not fit in
           // registers next to the dK and dV accumulators.
@@ -898,8 +965,8 @@ __device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& p
   }
   __syncthreads();  // barrier initialisation is visible to every warp
   // Launched as the preprocess's programmatic dependent (bwd_launch.cuh): everything above
-  // overlapped its last CTAs; from here on the schedule, LSE, D, the cleared accumulator and
-  // semaphores are complete and visible. The postprocess may launch now: it waits for this
+  // overlapped its last CTAs; from here on the schedule, LSE, D and the cleared dq_semaphore
+  // words are complete and visible. The postprocess may launch now: it waits for this
   // whole grid (it cannot become resident beside a CTA of this kernel, which holds the SM's
   // registers, so it takes SMs only as this kernel's CTAs exit).
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -2,12 +2,14 @@
 //
 // Preprocess: its first CTA builds the main kernel's schedule (schedule_build.cuh), so the
 // backward is three launches; the other CTAs take one thread per 8 elements of an
-// (accumulator row, head) (BwdWorkspace): the fp32 dQ accumulator row cleared, and for the
-// q row it stands for, D = rowsum(dO * O) and the LSE in log2 units (0 and +inf, by select,
-// for accumulator rows that stand for no real row, so NaN in padding never leaks); the
-// deterministic-mode semaphores cleared.
+// (accumulator row, head) (BwdWorkspace): for the q row it stands for, D = rowsum(dO * O) and
+// the LSE in log2 units (0 and +inf, by select, for accumulator rows that stand for no real
+// row, so NaN in padding never leaks); the dq_semaphore words cleared. The fp32 dQ
+// accumulator is not cleared: the main kernel's first write of each block is a store
+// (bwd_dq_writer); clearing it was a third of the traffic of the two passes, which run at
+// DRAM bandwidth (bwd-notes v20).
 // Postprocess: dq = softmax_scale * dq_accum in the input type, every row of q (padding and
-// tail rows: exact zeros).
+// tail rows, and rows of blocks that no key block wrote: exact zeros).
 #pragma once
 
 #include <cmath>
@@ -100,9 +102,6 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
 
   if (valid) {
     const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
-    float4* acc = reinterpret_cast<float4*>(ws.dq_accum + at * kHeadDim + lane * kVec);
-    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (lane == 0) {
       const float lse = row >= 0 ? bp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row]
                                  : -INFINITY;
@@ -113,10 +112,8 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
   }
   const int64_t num_sem =
       static_cast<int64_t>(p.num_heads) * (ws.accum_rows / kBwdSemaphoreRows);
-  if (bp.deterministic) {
-    for (int64_t i = idx; i < num_sem; i += row_threads) {
-      ws.dq_semaphore[i] = 0;
-    }
+  for (int64_t i = idx; i < num_sem; i += row_threads) {
+    ws.dq_semaphore[i] = 0;
   }
 }
 
@@ -136,12 +133,14 @@ __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const 
   const int row = static_cast<int>(group / p.num_heads);
   const int head = static_cast<int>(group % p.num_heads);
   const int arow = bwd_q_to_accum_row(p, row);
+  // The block's dq_semaphore word is 0 iff no key block wrote it (bwd_dq_writer): its
+  // accumulator rows then hold whatever the workspace held.
+  const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
-  if (arow >= 0) {
+  if (arow >= 0 && ws.dq_semaphore[at / bwd_block_m(kHeadDim)] != 0) {
     // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
     // lane ^ (row % 8) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
     const int chunk = lane ^ (arow % 8);
-    const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
     const float4* acc =
         reinterpret_cast<const float4*>(ws.dq_accum + at * kHeadDim + chunk * kVec);
     a = acc[0];
