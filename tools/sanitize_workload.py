@@ -41,17 +41,21 @@ def main():
     for b in batches:
         for det in (False, True):
             run(b, det)
-    # Decreasing cu_seqlens: overlapping slots (clamped, never out of bounds).
+    # Decreasing cu_seqlens: overlapping slots (clamped, never out of bounds), causal and full
+    # (under the full mask, overlapping slots' key blocks claim the same dQ blocks).
+    calls = 0
     for d in (64, 128):
         q, k, v = (0.1 * torch.randn(300, 2, d, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
         cu = torch.tensor([0, 200, 50, 300], dtype=torch.int32, device="cuda")
-        args = (cu, cu, None, None, None, 300, 300, d ** -0.5, True)
-        out, lse = torch.ops.prefixlm.varlen_fwd(q, k, v, *args)
-        for det in (False, True):
-            torch.ops.prefixlm.varlen_bwd(torch.randn_like(q), q, k, v, out, lse, *args, det)
+        for causal in (True, False):
+            args = (cu, cu, None, None, None, 300, 300, d ** -0.5, causal)
+            out, lse = torch.ops.prefixlm.varlen_fwd(q, k, v, *args)
+            for det in (False, True):
+                torch.ops.prefixlm.varlen_bwd(torch.randn_like(q), q, k, v, out, lse, *args, det)
+                calls += 1
     torch.cuda.synchronize()
-    print(f"sanitize workload: {len(batches) * 2 + 4} backward calls done")
+    print(f"sanitize workload: {len(batches) * 2 + calls} backward calls done")
 
 
 if __name__ == "__main__":

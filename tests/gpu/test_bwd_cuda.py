@@ -170,18 +170,20 @@ def test_empty_sides_give_exact_zeros(case, deterministic):
 @pytest.mark.parametrize("cu", [[0, 300, 100, 700], [0, 640, 640, 64, 700]])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_decreasing_cu_seqlens_finish_without_nan(cu, head_dim, deterministic):
+@pytest.mark.parametrize("causal", [True, False])
+def test_decreasing_cu_seqlens_finish_without_nan(cu, head_dim, deterministic, causal):
     """cu_seqlens that decrease make slots overlap: the ops must still finish (the
-    deterministic dQ order must not wait for a turn that never comes), write every row and
-    produce no NaN; compute-sanitizer's memcheck run over this test finds no access out of
-    bounds. Inputs are small so that a row seen by two slots cannot overflow exp()."""
+    deterministic dQ order must not wait for a turn that never comes; key blocks of
+    overlapping slots claim the same dQ blocks), write every row and produce no NaN;
+    compute-sanitizer's memcheck run over this test finds no access out of bounds. Inputs are
+    small so that a row seen by two slots cannot overflow exp()."""
     total, heads = 700, 4
     gen = torch.Generator(device=DEVICE).manual_seed(head_dim + len(cu))
     q, k, v, dout = (0.1 * torch.randn(total, heads, head_dim, device=DEVICE,
                                        dtype=torch.bfloat16, generator=gen) for _ in range(4))
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    prefix = i32([50] * (len(cu) - 1))
-    meta = (i32(cu), i32(cu), None, None, prefix, total, total, head_dim ** -0.5, True)
+    prefix = i32([50] * (len(cu) - 1)) if causal else None
+    meta = (i32(cu), i32(cu), None, None, prefix, total, total, head_dim ** -0.5, causal)
     fill_cuda_allocator_with_nan()
     out, lse = torch.ops.prefixlm.varlen_fwd(q, k, v, *meta)
     grads = torch.ops.prefixlm.varlen_bwd(dout, q, k, v, out, lse, *meta, deterministic)
