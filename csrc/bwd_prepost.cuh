@@ -24,6 +24,8 @@
 namespace prefixlm {
 
 constexpr int kPrePostThreads = 256;
+// (Accumulator row, head) groups per preprocess thread (bwd_preprocess_body).
+constexpr int kPreGroups = 4;
 
 // The last slot b in [0, B) with key(b) <= x (slot 0 if none), by binary search: exact
 // for keys non-decreasing in b, some slot in range otherwise. B must be > 0.
@@ -75,39 +77,54 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
                                           schedule_capacity, ws.schedule);
     return;
   }
-  // CTAs 1 .. gridDim.x - 1 cover the (accumulator row, head) groups.
+  // CTAs 1 .. gridDim.x - 1 cover the (accumulator row, head) groups, kPreGroups per thread
+  // (kLanes threads per group), a pass of the grid apart: a thread issues all its loads (O, dO
+  // and the LSE) before it waits for any, so that the grid keeps enough bytes in flight.
+  // (One group per thread, with the LSE loaded after the dot product: 2.2 TB/s.)
+  using Vec = cutlass::Array<Element, kVec>;
   const int64_t row_threads = static_cast<int64_t>(gridDim.x - 1) * kPrePostThreads;
   const int64_t idx = static_cast<int64_t>(blockIdx.x - 1) * kPrePostThreads + threadIdx.x;
-  const int64_t group = idx / kLanes;
+  const int64_t num_groups = static_cast<int64_t>(ws.accum_rows) * p.num_heads;
   const int lane = static_cast<int>(idx % kLanes);
-  const bool valid = group < static_cast<int64_t>(ws.accum_rows) * p.num_heads;
-  const int arow = valid ? static_cast<int>(group / p.num_heads) : 0;
-  const int head = valid ? static_cast<int>(group % p.num_heads) : 0;
-  const int row = valid ? bwd_accum_row_to_q(p, arow) : -1;
-
-  float dot = 0.f;
-  if (row >= 0) {
-    using Vec = cutlass::Array<Element, kVec>;
-    const Element* o = static_cast<const Element*>(bp.out) + row * bp.o_stride.row +
-                       head * bp.o_stride.head + lane * kVec;
-    const Element* d = static_cast<const Element*>(bp.dout) + row * bp.do_stride.row +
-                       head * bp.do_stride.head + lane * kVec;
-    const Vec ov = *reinterpret_cast<const Vec*>(o);
-    const Vec dv = *reinterpret_cast<const Vec*>(d);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kVec; ++i) dot += static_cast<float>(ov[i]) * static_cast<float>(dv[i]);
+  Vec ov[kPreGroups], dv[kPreGroups];
+  float lse[kPreGroups];
+  int64_t at[kPreGroups];  // the group's (head, accumulator row) entry; -1 past the end
+  bool real[kPreGroups];   // it stands for a real q row
+  CUTLASS_PRAGMA_UNROLL
+  for (int g = 0; g < kPreGroups; ++g) {
+    const int64_t group = idx / kLanes + g * (row_threads / kLanes);
+    const bool valid = group < num_groups;
+    const int arow = valid ? static_cast<int>(group / p.num_heads) : 0;
+    const int head = valid ? static_cast<int>(group % p.num_heads) : 0;
+    const int row = valid ? bwd_accum_row_to_q(p, arow) : -1;
+    at[g] = valid ? static_cast<int64_t>(head) * ws.accum_rows + arow : -1;
+    real[g] = row >= 0;
+    lse[g] = -INFINITY;
+    ov[g].clear();
+    dv[g].clear();
+    if (real[g]) {
+      ov[g] = *reinterpret_cast<const Vec*>(static_cast<const Element*>(bp.out) +
+                                             row * bp.o_stride.row + head * bp.o_stride.head +
+                                             lane * kVec);
+      dv[g] = *reinterpret_cast<const Vec*>(static_cast<const Element*>(bp.dout) +
+                                             row * bp.do_stride.row + head * bp.do_stride.head +
+                                             lane * kVec);
+      lse[g] = bp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row];
+    }
   }
   CUTLASS_PRAGMA_UNROLL
-  for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
-
-  if (valid) {
-    const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
-    if (lane == 0) {
-      const float lse = row >= 0 ? bp.softmax_lse[static_cast<int64_t>(head) * p.total_q + row]
-                                 : -INFINITY;
+  for (int g = 0; g < kPreGroups; ++g) {
+    float dot = 0.f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      dot += static_cast<float>(ov[g][i]) * static_cast<float>(dv[g][i]);
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffff, dot, off);
+    if (at[g] >= 0 && lane == 0) {
       // A row with no allowed key has LSE -inf: +inf makes every exp2(s - lse) exactly 0.
-      ws.lse_log2[at] = lse != -INFINITY ? lse * static_cast<float>(M_LOG2E) : INFINITY;
-      ws.dpsum[at] = row >= 0 ? dot : 0.f;
+      ws.lse_log2[at[g]] = lse[g] != -INFINITY ? lse[g] * static_cast<float>(M_LOG2E) : INFINITY;
+      ws.dpsum[at[g]] = real[g] ? dot : 0.f;
     }
   }
   const int64_t num_sem =
