@@ -37,6 +37,13 @@ constexpr int kBwdAccumAlign = 128;
 // One dq_semaphore word per kBwdSemaphoreRows accumulator rows (the smallest query block),
 // enough for every block size.
 constexpr int kBwdSemaphoreRows = 64;
+// The dq_semaphore word of the query block of block_m rows that holds workspace entry
+// `entry` (head * accum_rows + accumulator row): blocks start at multiples of block_m in that
+// numbering (slots start at multiples of kBwdAccumAlign). The kernel's writer and the
+// postprocess must agree on it.
+__host__ __device__ inline int64_t bwd_dq_word(int64_t entry, int block_m) {
+  return entry / block_m;
+}
 // Key rows per tile of the backward (the schedule's block size).
 constexpr int kBwdBlockN = 128;
 

@@ -425,7 +425,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
           stage = 0;
           empty_phase ^= 1;
         }
-        publish_job(block_row * kHeadDim, static_cast<int>(block_row / kBlockM),
+        publish_job(block_row * kHeadDim, static_cast<int>(bwd_dq_word(block_row, kBlockM)),
                     ordered ? dq_turn<Traits>(mask, rec.block, m) : -1);
       }
     }

@@ -1,13 +1,13 @@
 // Preprocess and postprocess of the backward: memory-bound passes over the query rows.
 //
 // Preprocess: its first CTA builds the main kernel's schedule (schedule_build.cuh), so the
-// backward is three launches; the other CTAs take one thread per 8 elements of an
-// (accumulator row, head) (BwdWorkspace): for the q row it stands for, D = rowsum(dO * O) and
-// the LSE in log2 units (0 and +inf, by select, for accumulator rows that stand for no real
-// row, so NaN in padding never leaks); the dq_semaphore words cleared. The fp32 dQ
-// accumulator is not cleared: the main kernel's first write of each block is a store
-// (bwd_dq_writer); clearing it was a third of the traffic of the two passes, which run at
-// DRAM bandwidth (bwd-notes v20).
+// backward is three launches; the other CTAs cover the (accumulator row, head) groups
+// (BwdWorkspace), 8 elements of kPreGroups groups per thread: for the q row a group stands
+// for, D = rowsum(dO * O) and the LSE in log2 units (0 and +inf, by select, for accumulator
+// rows that stand for no real row, so NaN in padding never leaks); the dq_semaphore words
+// cleared. The fp32 dQ accumulator is not cleared: the main kernel's first write of each
+// block is a store (bwd_dq_writer); clearing it was the larger part of the preprocess's
+// traffic, which runs at DRAM bandwidth (bwd-notes v21).
 // Postprocess: dq = softmax_scale * dq_accum in the input type, every row of q (padding and
 // tail rows, and rows of blocks that no key block wrote: exact zeros).
 #pragma once
@@ -154,7 +154,7 @@ __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const 
   // accumulator rows then hold whatever the workspace held.
   const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
-  if (arow >= 0 && ws.dq_semaphore[at / bwd_block_m(kHeadDim)] != 0) {
+  if (arow >= 0 && ws.dq_semaphore[bwd_dq_word(at, bwd_block_m(kHeadDim))] != 0) {
     // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
     // lane ^ (row % 8) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
     const int chunk = lane ^ (arow % 8);
