@@ -61,7 +61,8 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
                                      const std::optional<Tensor>& seqused_q,
                                      const std::optional<Tensor>& seqused_k,
                                      const std::optional<Tensor>& prefix_lens,
-                                     double softmax_scale, bool causal) {
+                                     double softmax_scale, bool causal, int64_t window_left,
+                                     int64_t window_right) {
   const int device = q.get_device_index();
   check_cuda(q, "q", device);
   check_cuda(k, "k", device);
@@ -98,6 +99,11 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
   STD_TORCH_CHECK(p.prefix_lens == nullptr || causal,
                   "prefixlm_C: prefix_lens requires causal=True");
   p.causal = causal;
+  STD_TORCH_CHECK(window_left >= -1 && window_right >= -1 && window_left < (int64_t{1} << 30) &&
+                      window_right < (int64_t{1} << 30),
+                  "prefixlm_C: window sizes must be in [-1, 2^30)");
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = static_cast<int>(window_right);
   p.bf16 = q.scalar_type() == ScalarType::BFloat16;
   p.softmax_scale = static_cast<float>(softmax_scale);
   return p;
@@ -117,9 +123,11 @@ void check_lse(const Tensor& softmax_lse, const prefixlm::VarlenProblem& p, int 
 void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
          std::optional<Tensor> seqused_q, std::optional<Tensor> seqused_k,
          std::optional<Tensor> prefix_lens, Tensor out, Tensor softmax_lse,
-         double softmax_scale, bool causal, bool zero_padding, int64_t stream) {
-  prefixlm::VarlenProblem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q,
-                                           seqused_k, prefix_lens, softmax_scale, causal);
+         double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+         bool zero_padding, int64_t stream) {
+  prefixlm::VarlenProblem p =
+      make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                   softmax_scale, causal, window_left, window_right);
   const int device = q.get_device_index();
   check_cuda(out, "out", device);
   STD_TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.size(0) == q.size(0),
@@ -158,10 +166,11 @@ void check_like(const Tensor& t, const Tensor& like, const char* name, int devic
 void bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse,
          Tensor cu_seqlens_q, Tensor cu_seqlens_k, std::optional<Tensor> seqused_q,
          std::optional<Tensor> seqused_k, std::optional<Tensor> prefix_lens, Tensor dq,
-         Tensor dk, Tensor dv, double softmax_scale, bool causal, bool deterministic,
-         bool zero_padding, int64_t stream) {
-  prefixlm::VarlenProblem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q,
-                                           seqused_k, prefix_lens, softmax_scale, causal);
+         Tensor dk, Tensor dv, double softmax_scale, bool causal, int64_t window_left,
+         int64_t window_right, bool deterministic, bool zero_padding, int64_t stream) {
+  prefixlm::VarlenProblem p =
+      make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
+                   softmax_scale, causal, window_left, window_right);
   const int device = q.get_device_index();
   check_like(out, q, "out", device);
   check_like(dout, q, "dout", device);
@@ -205,13 +214,14 @@ STABLE_TORCH_LIBRARY(prefixlm_C, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "Tensor? seqused_q, Tensor? seqused_k, Tensor? prefix_lens, Tensor(a!) out, "
-      "Tensor(b!) softmax_lse, float softmax_scale, bool causal, bool zero_padding, "
-      "int stream) -> ()");
+      "Tensor(b!) softmax_lse, float softmax_scale, bool causal, int window_left, "
+      "int window_right, bool zero_padding, int stream) -> ()");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
       "Tensor? prefix_lens, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float softmax_scale, "
-      "bool causal, bool deterministic, bool zero_padding, int stream) -> ()");
+      "bool causal, int window_left, int window_right, bool deterministic, bool zero_padding, "
+      "int stream) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(prefixlm_C, CUDA, m) {

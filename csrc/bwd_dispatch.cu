@@ -43,13 +43,23 @@ void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
   if (p.total_q == 0 && p.total_k == 0) return;  // nothing to write
   BwdWorkspace ws;
   bwd_workspace_layout(p, workspace, &ws);
+  // The sliding window has its own main kernels (BwdTraits::kWindow).
+  const bool w = p.windowed();
   switch (p.head_dim) {
     case 64:
-      return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t>(params, ws, stream)
-                    : run_bwd_instance<64, cutlass::half_t>(params, ws, stream);
+      if (w) {
+        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true>(params, ws, stream)
+                      : run_bwd_instance<64, cutlass::half_t, true>(params, ws, stream);
+      }
+      return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, false>(params, ws, stream)
+                    : run_bwd_instance<64, cutlass::half_t, false>(params, ws, stream);
     case 128:
-      return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t>(params, ws, stream)
-                    : run_bwd_instance<128, cutlass::half_t>(params, ws, stream);
+      if (w) {
+        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true>(params, ws, stream)
+                      : run_bwd_instance<128, cutlass::half_t, true>(params, ws, stream);
+      }
+      return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, false>(params, ws, stream)
+                    : run_bwd_instance<128, cutlass::half_t, false>(params, ws, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no backward kernel for head_dim=" +
                                   std::to_string(p.head_dim) + " (supported: 64, 128)");

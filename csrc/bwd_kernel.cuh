@@ -54,8 +54,10 @@ struct DqJob {
   int turn;        // ordered (deterministic) mode: add when the word equals this (dq_turn); else -1
 };
 
-template <int kHeadDim_, class Element_>
+// kWindow_: built for a sliding window (see FwdTraits).
+template <int kHeadDim_, class Element_, bool kWindow_ = false>
 struct BwdTraits {
+  static constexpr bool kWindow = kWindow_;
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
@@ -221,8 +223,9 @@ template <class Traits>
 __device__ inline QueryRange bwd_query_range(const WorkRecord& rec, const MaskInfo& mask) {
   const int n0 = rec.block * Traits::kBlockN;
   const int first = mask.query_begin(n0, n0 + Traits::kBlockN);
-  if (first >= mask.len_q) return {0, 0};
-  return {first / Traits::kBlockM, (mask.len_q + Traits::kBlockM - 1) / Traits::kBlockM};
+  const int end = mask.query_end(n0, n0 + Traits::kBlockN);
+  if (first >= end) return {0, 0};
+  return {first / Traits::kBlockM, (end + Traits::kBlockM - 1) / Traits::kBlockM};
 }
 
 // The order in which a key block visits its query blocks [m_begin, m_end): from `start` to
@@ -300,7 +303,8 @@ __device__ inline void st_release_gpu(int* ptr, int v) {
 // own, and first(n) grows with n, so under a causal mask this is the order in which the
 // adds become ready when the key blocks of a sequence run side by side (first-to-last would
 // make key block n wait about n blocks for the ones before it). The key blocks that see
-// query block m are 0 .. last (query_begin grows with the key block).
+// query block m are first .. last (the block's rows attend one interval of keys, mask.h); the
+// first takes the highest turn, which nothing waits for, so only `last` matters here.
 template <class Traits>
 __device__ inline int dq_turn(const MaskInfo& mask, int n, int m) {
   const int m0 = m * Traits::kBlockM;
@@ -309,10 +313,23 @@ __device__ inline int dq_turn(const MaskInfo& mask, int n, int m) {
   return last - n;
 }
 
+// The work list's size: key-block tiles, then (when padding is zeroed) zero records. Read by
+// each role where it starts: computed once before the roles split, it stayed live across the
+// register reconfiguration and was spilled.
+struct BwdTileCounts {
+  int num_block_tiles;
+  int num_tiles;
+};
+__device__ inline BwdTileCounts bwd_tile_counts(const BwdParams& bp, const BwdWorkspace& ws) {
+  const ScheduleCounts* counts = schedule_counts(ws.schedule);
+  const int num_block_tiles = counts->num_blocks * bp.p.num_heads_k;
+  return {num_block_tiles, num_block_tiles + (bp.zero_padding ? counts->num_zero : 0)};
+}
+
 template <class Traits>
 __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
-                             typename Traits::SharedStorage& ss, int num_block_tiles,
-                             int num_tiles) {
+                             typename Traits::SharedStorage& ss) {
+  const auto [num_block_tiles, num_tiles] = bwd_tile_counts(params.bp, params.ws);
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -367,7 +384,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
     if (tile >= num_block_tiles) continue;  // zero record: consumers only
     const int head_k = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head_k * num_blocks);
-    const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
+    const MaskInfo mask = record_mask<Traits::kWindow>(rec, p);
     const QueryRange range = bwd_query_range<Traits>(rec, mask);
     if (range.m_begin >= range.m_end) continue;  // consumers write zeros alone
 
@@ -577,8 +594,7 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
                                          const MaskInfo& mask, int m0, int n0,
                                          float scale_log2) {
   constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
-  if (m0 + Traits::kBlockM <= mask.len_q &&
-      mask.block_fully_allowed(m0, n0 + Traits::kBlockN)) {
+  if (mask.block_fully_allowed(m0, m0 + Traits::kBlockM, n0, n0 + Traits::kBlockN)) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float row_lse = lse[c];
@@ -716,8 +732,8 @@ __device__ inline void bwd_issue_dv(TiledMma& mma_dkv, const AccS& tSrS, FragP& 
 
 template <class Traits>
 __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
-                             typename Traits::SharedStorage& ss, int num_block_tiles,
-                             int num_tiles) {
+                             typename Traits::SharedStorage& ss) {
+  const auto [num_block_tiles, num_tiles] = bwd_tile_counts(params.bp, params.ws);
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -800,7 +816,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     }
     const int head_k = tile / num_blocks;
     const WorkRecord rec = load_record(records, tile - head_k * num_blocks);
-    const MaskInfo mask{rec.len_q, rec.len_k, rec.prefix, p.causal};
+    const MaskInfo mask = record_mask<Traits::kWindow>(rec, p);
     const QueryRange range = bwd_query_range<Traits>(rec, mask);
     const int n0 = rec.block * kBlockN;
     const bool keys_real = n0 + kBlockN <= mask.len_k;  // no key of the tile is past Lk
@@ -972,17 +988,14 @@ __device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& p
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
-  const ScheduleCounts* counts = schedule_counts(params.ws.schedule);
-  const int num_block_tiles = counts->num_blocks * params.bp.p.num_heads_k;
-  const int num_tiles = num_block_tiles + (params.bp.zero_padding ? counts->num_zero : 0);
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0) bwd_producer<Traits>(params, ss, num_block_tiles, num_tiles);
+    if (warp == 0) bwd_producer<Traits>(params, ss);
     if (warp == 1 && cute::elect_one_sync()) bwd_dq_writer<Traits>(params, ss);
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
-    bwd_consumer<Traits>(params, ss, num_block_tiles, num_tiles);
+    bwd_consumer<Traits>(params, ss);
   }
 }
 

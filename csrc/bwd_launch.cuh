@@ -21,10 +21,10 @@ struct BwdKernels {
   driver::Kernel postprocess;
 };
 
-template <int kHeadDim, class Element>
+template <int kHeadDim, class Element, bool kWindow>
 void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream,
                 const BwdKernels& kernels) {
-  using Traits = BwdTraits<kHeadDim, Element>;
+  using Traits = BwdTraits<kHeadDim, Element, kWindow>;
   const VarlenProblem& p = bp.p;
   // Threads of the pre/postprocess: D/8 per kPreGroups (accumulator row, head) groups and per
   // (q row, head).
@@ -97,8 +97,17 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
 }  // namespace prefixlm
 
 // One backward instantiation: head dim D, element token T (bf16 / fp16); its file is
-// instantiations/bwd_dD_T.cu.
+// instantiations/bwd_dD_T.cu. PREFIXLM_BWD_WINDOW_INSTANCE adds the sliding-window main
+// kernel (name suffix _w) to that file; it shares the preprocess and postprocess.
 #ifdef PREFIXLM_DEVICE_PASS
+#define PREFIXLM_BWD_MAIN_KERNEL(D, T, W, SUFFIX)                                           \
+  extern "C" __global__ void __launch_bounds__(                                             \
+      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W>::kThreads, 1)                          \
+      prefixlm_bwd_d##D##_##T##SUFFIX(const __grid_constant__ prefixlm::BwdKernelParams<    \
+                                      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W>>      \
+                                          params) {                                         \
+    prefixlm::bwd_kernel_body(params);                                                      \
+  }
 #define PREFIXLM_BWD_INSTANCE(D, T)                                                         \
   extern "C" __global__ void __launch_bounds__(prefixlm::kPrePostThreads)                   \
       prefixlm_bwd_pre_d##D##_##T(const prefixlm::BwdParams bp,                             \
@@ -106,29 +115,28 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
                                   const prefixlm::ScheduleCapacity capacity) {              \
     prefixlm::bwd_preprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws, capacity);              \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(                                             \
-      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T>::kThreads, 1)                             \
-      prefixlm_bwd_d##D##_##T(const __grid_constant__ prefixlm::BwdKernelParams<            \
-                              prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T>> params) {       \
-    prefixlm::bwd_kernel_body(params);                                                      \
-  }                                                                                         \
+  PREFIXLM_BWD_MAIN_KERNEL(D, T, false, )                                                   \
   extern "C" __global__ void __launch_bounds__(prefixlm::kPrePostThreads)                   \
       prefixlm_bwd_post_d##D##_##T(const prefixlm::BwdParams bp,                            \
                                    const prefixlm::BwdWorkspace ws) {                       \
     prefixlm::bwd_postprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws);                       \
   }
+#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_MAIN_KERNEL(D, T, true, _w)
 #else
-#define PREFIXLM_BWD_INSTANCE(D, T)                                                         \
+#define PREFIXLM_BWD_LAUNCHER(D, T, W, SUFFIX)                                              \
   extern "C" const unsigned char prefixlm_cubin_bwd_d##D##_##T[];                          \
   namespace prefixlm {                                                                      \
   template <>                                                                               \
-  void run_bwd_instance<D, PREFIXLM_ELEMENT_##T>(const BwdParams& bp, const BwdWorkspace& ws, \
-                                                 cudaStream_t stream) {                     \
-    launch_bwd<D, PREFIXLM_ELEMENT_##T>(                                                    \
+  void run_bwd_instance<D, PREFIXLM_ELEMENT_##T, W>(const BwdParams& bp,                    \
+                                                    const BwdWorkspace& ws,                 \
+                                                    cudaStream_t stream) {                  \
+    launch_bwd<D, PREFIXLM_ELEMENT_##T, W>(                                                 \
         bp, ws, stream,                                                                     \
         {{prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_pre_d" #D "_" #T},                   \
-         {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_d" #D "_" #T},                       \
+         {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_d" #D "_" #T #SUFFIX},               \
          {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_post_d" #D "_" #T}});                \
   }                                                                                         \
   }
+#define PREFIXLM_BWD_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, false, )
+#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, true, _w)
 #endif

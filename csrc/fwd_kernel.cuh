@@ -35,8 +35,11 @@ namespace prefixlm {
 
 using namespace cute;
 
-template <int kHeadDim_, class Element_, int kBlockM_, int kBlockN_>
+// kWindow_: built for a sliding window (the sizes are runtime values; without it they are
+// constant -1 and the window's terms fold away, mask.h / record_mask).
+template <int kHeadDim_, class Element_, int kBlockM_, int kBlockN_, bool kWindow_ = false>
 struct FwdTraits {
+  static constexpr bool kWindow = kWindow_;
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   // One consumer warpgroup per 64 query rows: 128 or 192 (fwd_schedule.h picks). At D=64 the
@@ -146,16 +149,17 @@ __device__ inline void pass_turn(int consumer_wg) {
   cutlass::arch::NamedBarrier::arrive(256, (consumer_wg + 1) % kWarpgroups);
 }
 
-// Key-block range of one (query block) tile: [0, n_blocks).
+// Key blocks [n_begin, n_end) of one (query block) tile; none when n_begin >= n_end.
+struct KeyRange {
+  int n_begin;
+  int n_end;
+};
 template <class Traits>
-__device__ inline int fwd_num_key_blocks(const WorkRecord& rec, const MaskInfo& mask) {
+__device__ inline KeyRange fwd_key_range(const WorkRecord& rec, const MaskInfo& mask) {
   const int row_begin = rec.block * Traits::kBlockM;
   const int row_end = min(row_begin + Traits::kBlockM, rec.len_q);
-  return (mask.key_end(row_begin, row_end) + Traits::kBlockN - 1) / Traits::kBlockN;
-}
-
-__device__ inline MaskInfo record_mask(const WorkRecord& rec, bool causal) {
-  return MaskInfo{rec.len_q, rec.len_k, rec.prefix, causal};
+  return {mask.key_begin(row_begin) / Traits::kBlockN,
+          (mask.key_end(row_begin, row_end) + Traits::kBlockN - 1) / Traits::kBlockN};
 }
 
 template <class Traits>
@@ -187,8 +191,8 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
     if (tile < num_tiles) rec = load_record(records, tile - head * num_blocks);
     Traits::Handoff::publish(ss.handoff, k, tile, &rec);
     if (tile >= num_tiles) break;
-    const int n_blocks = fwd_num_key_blocks<Traits>(rec, record_mask(rec, p.causal));
-    if (n_blocks == 0) continue;  // no key for any row: the consumers write zeros alone
+    const KeyRange keys = fwd_key_range<Traits>(rec, record_mask<Traits::kWindow>(rec, p));
+    if (keys.n_begin >= keys.n_end) continue;  // no key for any row: the consumers write zeros alone
     const int head_k = head / heads_per_kv;
 
     // Rows past the end of the buffer are zero-filled by TMA; rows past Lq inside it belong
@@ -219,7 +223,7 @@ __device__ void fwd_producer(const FwdKernelParams<Traits>& params,
     }
     ++q_loads;
     // Key blocks last-first: the first one visited is the only one that can be partial.
-    for (int n = n_blocks - 1; n >= 0; --n) {
+    for (int n = keys.n_end - 1; n >= keys.n_begin; --n) {
       pipeline_k.producer_acquire(write_state);
       if (leader) {
         copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKg(_, n),
@@ -367,8 +371,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     if (tile >= num_tiles) break;  // the last item's slot is never reused: no release
     const WorkRecord& rec = Traits::Handoff::record(ss.handoff, k);  // read where used
     const int head = tile / num_blocks;
-    const MaskInfo mask = record_mask(rec, p.causal);
-    const int n_blocks = fwd_num_key_blocks<Traits>(rec, mask);
+    const MaskInfo mask = record_mask<Traits::kWindow>(rec, p);
+    const KeyRange keys = fwd_key_range<Traits>(rec, mask);
+    const int n_blocks = keys.n_end - keys.n_begin;
     const int m0 = rec.block * kBlockM;
 
     OnlineSoftmax<kRows> softmax(params.scale_log2);
@@ -394,13 +399,17 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // factor O must take once the pending P V product has landed.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
         const int n0 = n * kBlockN;
-        if (m0 + kBlockM > mask.len_q || !mask.block_fully_allowed(m0, n0 + kBlockN)) {
+        if (!mask.block_fully_allowed(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < kRows; ++r) {
-            const int limit = mask.col_limit(m0 + get<0>(scores_coord(r, 0))) - n0;
+            const int i = m0 + get<0>(scores_coord(r, 0));
+            const int start = mask.col_start(i) - n0;
+            const int limit = mask.col_limit(i) - n0;
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < size<1>(scores); ++c) {
-              scores(r, c) = get<1>(scores_coord(r, c)) < limit ? scores(r, c) : -INFINITY;
+              const int col = get<1>(scores_coord(r, c));
+              const bool in = (mask.window_left < 0 || col >= start) && col < limit;
+              scores(r, c) = in ? scores(r, c) : -INFINITY;
             }
           }
         }
@@ -430,23 +439,23 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       fence_after_wait(tSrQ_buf, tSrS);
       pipeline_k.consumer_release(read_state);
       if (n_blocks == 1) release_q();
-      softmax_block(n_blocks - 1, rescale);
+      softmax_block(keys.n_end - 1, rescale);
       convert_p();
       PipelineState v_state = read_state;
       ++read_state;
 
       // Stage 2: its V, with the rows past Lk zeroed once for the whole tile.
       pipeline_v.consumer_wait(v_state);
-      if (n_blocks * kBlockN > mask.len_k) {
+      if (keys.n_end * kBlockN > mask.len_k) {
         Tensor sV_stage = sV(_, _, v_state.index());  // (N, D)
-        zero_v_rows<Traits>(sV_stage, mask.len_k - (n_blocks - 1) * kBlockN, thread);
+        zero_v_rows<Traits>(sV_stage, mask.len_k - (keys.n_end - 1) * kBlockN, thread);
         consumers_sync<kWgs>();
       }
 
       // Stage 3, the steady state: S of block n and O += P V of block n+1 issued together;
       // the softmax of block n runs while P V is in flight (and while the other warpgroups'
       // turns keep the tensor cores busy).
-      for (int n = n_blocks - 2; n >= 0; --n) {
+      for (int n = keys.n_end - 2; n >= keys.n_begin; --n) {
         pipeline_k.consumer_wait(read_state);
         pipeline_v.consumer_wait(v_state);  // first iteration: already waited in stage 2, a no-op
         wait_my_turn(consumer_wg);
@@ -456,7 +465,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         warpgroup_wait<1>();
         fence_after_wait(tSrQ_buf, tSrS);
         pipeline_k.consumer_release(read_state);
-        if (n == 0) release_q();
+        if (n == keys.n_begin) release_q();
         softmax_block(n, rescale);
         // ptxas hoists a wgmma wait to the top of its basic block, which put the whole softmax
         // after the P V product. A shared-memory store stays before the wait, and this one

@@ -65,26 +65,33 @@ void launch_fwd(const FwdParams& fp, void* workspace, cudaStream_t stream,
 
 // One forward tile configuration: head dim D, element token T (bf16 / fp16), M x N tiles;
 // its file is instantiations/fwd_dD_mM_nN_T.cu.
+// PREFIXLM_FWD_WINDOW_INSTANCE adds the sliding-window kernel of a configuration to its
+// file (kernel name suffix _w).
 #ifdef PREFIXLM_DEVICE_PASS
-#define PREFIXLM_FWD_INSTANCE(D, T, M, N)                                                     \
+#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, SUFFIX)                                            \
   extern "C" __global__ void __launch_bounds__(                                               \
-      prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>::kThreads, 1)                         \
-      prefixlm_fwd_d##D##_m##M##_n##N##_##T(                                                  \
+      prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>::kThreads, 1)                      \
+      prefixlm_fwd_d##D##_m##M##_n##N##_##T##SUFFIX(                                          \
           const __grid_constant__ prefixlm::FwdKernelParams<                                  \
-              prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>> params) {                  \
+              prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>> params) {               \
     prefixlm::fwd_kernel_body(params);                                                        \
   }
+#define PREFIXLM_FWD_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, false, )
+#define PREFIXLM_FWD_WINDOW_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, _w)
 #else
-#define PREFIXLM_FWD_INSTANCE(D, T, M, N)                                                     \
+#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, SUFFIX)                                            \
   extern "C" const unsigned char prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T[];              \
   namespace prefixlm {                                                                        \
   template <>                                                                                 \
-  void run_fwd_instance<D, PREFIXLM_ELEMENT_##T, M, N>(const FwdParams& fp, void* workspace,  \
-                                                       cudaStream_t stream) {                 \
-    launch_fwd<FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N>>(                                     \
+  void run_fwd_instance<D, PREFIXLM_ELEMENT_##T, M, N, W>(const FwdParams& fp,               \
+                                                          void* workspace,                    \
+                                                          cudaStream_t stream) {              \
+    launch_fwd<FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>>(                                  \
         fp, workspace, stream,                                                                \
         {prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T,                                         \
-         "prefixlm_fwd_d" #D "_m" #M "_n" #N "_" #T});                                        \
+         "prefixlm_fwd_d" #D "_m" #M "_n" #N "_" #T #SUFFIX});                                \
   }                                                                                           \
   }
+#define PREFIXLM_FWD_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, false, )
+#define PREFIXLM_FWD_WINDOW_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, _w)
 #endif

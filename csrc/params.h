@@ -23,6 +23,9 @@ struct VarlenProblem {
   const int32_t* seqused_k;     // (B,) or nullptr: whole slot
   const int32_t* prefix_lens;   // (B,) or nullptr: no bidirectional prefix
   bool causal;
+  int window_left;   // sliding window (mask.h); -1: unbounded
+  int window_right;
+  __host__ __device__ bool windowed() const { return window_left >= 0 || window_right >= 0; }
   bool bf16;  // element type of q, k, v, out: bfloat16, else float16
 
   float softmax_scale;

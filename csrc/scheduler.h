@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "mask.h"
 #include "params.h"
 
 namespace prefixlm {
@@ -37,6 +38,14 @@ struct alignas(16) WorkRecord {
   int prefix;
   int batch;
 };
+
+// The mask of a block record's sequence. Kernels built without the sliding window see
+// constant -1 sizes, so that every window term folds away at compile time.
+template <bool kWindow>
+__host__ __device__ inline MaskInfo record_mask(const WorkRecord& rec, const VarlenProblem& p) {
+  return MaskInfo{rec.len_q, rec.len_k, rec.prefix, p.causal, kWindow ? p.window_left : -1,
+                  kWindow ? p.window_right : -1};
+}
 
 // The records follow it in the workspace: its size keeps them 16-byte aligned.
 struct alignas(16) ScheduleCounts {

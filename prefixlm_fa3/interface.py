@@ -14,9 +14,11 @@ class _VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic):
+                max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                softcap, deterministic):
         inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                  max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+                  max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                  softcap)
         out, lse = ops.varlen_fwd(*inputs)
         ops.save_for_backward(ctx, inputs, (out, lse))
         ctx.deterministic = deterministic
@@ -26,7 +28,7 @@ class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         dq, dk, dv = ops.backward(ctx, dout, ctx.deterministic)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 13
 
 
 def _distinct_objects(*tensors):
@@ -47,7 +49,8 @@ def _distinct_objects(*tensors):
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            seqused_q=None, seqused_k=None, prefix_lens=None, softmax_scale=None,
-                           causal=False, deterministic=False, return_lse=False, validate=False):
+                           causal=False, deterministic=False, return_lse=False,
+                           window_size=(-1, -1), softcap=0.0, validate=False):
     """Attention over a packed variable-length batch; the first seven arguments follow
     FlashAttention-3's flash_attn_varlen_func.
 
@@ -57,6 +60,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     iff j < prefix_lens[b] or j <= i + (Lk - Lq) (PrefixLM). Padding and tail rows of out and
     of the gradients are exactly 0.
 
+    window_size = (left, right) (FlashAttention-3's convention, -1 = unbounded) further
+    restricts query i to keys i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right, over any of
+    the masks above (with PrefixLM it windows the prefix too). softcap = c > 0 caps the
+    scaled scores to c * tanh(s / c) (CPU reference only for now; the CUDA kernels raise).
+
     softmax_scale defaults to 1/sqrt(D). deterministic makes the backward bit-reproducible.
     validate=True (or PREFIXLM_FA3_VALIDATE=1) checks the metadata on the device first,
     synchronising once. Returns out, or (out, softmax_lse) with return_lse=True; softmax_lse
@@ -64,16 +72,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    window_left, window_right = window_size
     if validate:
         check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                         prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+                         prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                         window_left, window_right, softcap)
         validate_metadata(q, k, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                           max_seqlen_q, max_seqlen_k)
     tensors = _distinct_objects(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                                 prefix_lens)
     out, lse = _VarlenAttention.apply(
-        *tensors, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-        deterministic or torch.are_deterministic_algorithms_enabled())
+        *tensors, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+        softcap, deterministic or torch.are_deterministic_algorithms_enabled())
     return (out, lse) if return_lse else out
 
 

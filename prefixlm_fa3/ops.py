@@ -19,13 +19,15 @@ from .validation import (check_bwd_inputs, check_fwd_inputs, metadata_validation
 FWD_SCHEMA = (
     "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "Tensor? seqused_q, Tensor? seqused_k, Tensor? prefix_lens, int max_seqlen_q, "
-    "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor softmax_lse)"
+    "int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1, "
+    "int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor softmax_lse)"
 )
 BWD_SCHEMA = (
     "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
     "Tensor? prefix_lens, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "
-    "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)"
+    "bool deterministic, int window_left=-1, int window_right=-1, float softcap=0.0) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)"
 )
 
 _lib = torch.library.Library("prefixlm", "DEF")
@@ -42,7 +44,11 @@ def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
 
-def _require_cuda_kernel(op_name: str) -> None:
+def _require_cuda_kernel(op_name: str, softcap: float = 0.0) -> None:
+    if softcap != 0.0:
+        raise NotImplementedError(
+            "prefixlm_fa3: softcap is not implemented in the CUDA kernels yet (the CPU "
+            "reference has it); pass softcap=0.0")
     if cuda_kernels_available(op_name):
         return
     reason = load_error()
@@ -65,20 +71,27 @@ def _launch(q: torch.Tensor, launch) -> None:
 
 
 # ---- forward ---------------------------------------------------------------------------
+# The forward's arguments after q, k, v, in schema order: cu_seqlens_q, cu_seqlens_k,
+# seqused_q, seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+# window_left, window_right, softcap.
 
 
 @torch.library.register_fake("prefixlm::varlen_fwd", lib=_lib)
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+                     window_right=-1, softcap=0.0):
     check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, check_alignment=False)
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                     window_right, softcap, check_alignment=False)
     return _like(q), _lse_buffer(q)
 
 
 def _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-               max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+               softcap):
     check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                     window_right, softcap)
     if metadata_validation_requested():
         validate_metadata(q, k, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                           max_seqlen_q, max_seqlen_k)
@@ -86,24 +99,29 @@ def _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix
 
 @torch.library.register_kernel("prefixlm::varlen_fwd", "cpu", lib=_lib)
 def _varlen_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                    max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+                    max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+                    window_right=-1, softcap=0.0):
     _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-               max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+               softcap)
     return reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                         prefix_lens, softmax_scale, causal)
+                         prefix_lens, softmax_scale, causal,
+                         window_size=(window_left, window_right), softcap=softcap)
 
 
 def _varlen_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+                     window_right=-1, softcap=0.0):
     _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-               max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-    _require_cuda_kernel("fwd")
+               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+               softcap)
+    _require_cuda_kernel("fwd", softcap)
     out, lse = _like(q), _lse_buffer(q)
     # zero_padding=True: padding and tail rows of out / lse are written (0 / -inf) inside the
     # kernel; only the benchmark turns it off, to measure its cost.
     _launch(q, lambda stream: torch.ops.prefixlm_C.fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, out, lse,
-        softmax_scale, causal, True, stream))
+        softmax_scale, causal, window_left, window_right, True, stream))
     return out, lse
 
 
@@ -117,17 +135,19 @@ torch.library.register_kernel("prefixlm::varlen_fwd", "cuda", _varlen_fwd_cuda, 
 @torch.library.register_fake("prefixlm::varlen_bwd", lib=_lib)
 def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                      seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     deterministic):
+                     deterministic, window_left=-1, window_right=-1, softcap=0.0):
     check_bwd_inputs(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                      seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     check_alignment=False)
+                     window_left, window_right, softcap, check_alignment=False)
     return _like(q), _like(k), _like(v)
 
 
 def _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
-               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               window_left, window_right, softcap):
     check_bwd_inputs(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
-                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     window_left, window_right, softcap)
     if metadata_validation_requested():
         validate_metadata(q, k, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                           max_seqlen_q, max_seqlen_k)
@@ -136,25 +156,29 @@ def _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, sequ
 @torch.library.register_kernel("prefixlm::varlen_bwd", "cpu", lib=_lib)
 def _varlen_bwd_cpu(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                     seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    deterministic):
+                    deterministic, window_left=-1, window_right=-1, softcap=0.0):
     _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
-               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               window_left, window_right, softcap)
     # The reference recomputes the forward from q, k, v (out and softmax_lse are not needed)
     # and is deterministic whatever `deterministic` says.
     return reference_bwd(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-                         prefix_lens, softmax_scale, causal)
+                         prefix_lens, softmax_scale, causal,
+                         window_size=(window_left, window_right), softcap=softcap)
 
 
 def _varlen_bwd_cuda(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                      seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     deterministic):
+                     deterministic, window_left=-1, window_right=-1, softcap=0.0):
     _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
-               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-    _require_cuda_kernel("bwd")
+               seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               window_left, window_right, softcap)
+    _require_cuda_kernel("bwd", softcap)
     dq, dk, dv = _like(q), _like(k), _like(v)
     _launch(q, lambda stream: torch.ops.prefixlm_C.bwd(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-        prefix_lens, dq, dk, dv, softmax_scale, causal, deterministic, True, stream))
+        prefix_lens, dq, dk, dv, softmax_scale, causal, window_left, window_right,
+        deterministic, True, stream))
     return dq, dk, dv
 
 
@@ -196,14 +220,18 @@ def varlen_bwd(*args):
 
 
 def save_for_backward(ctx, inputs, output) -> None:
-    """Keep what varlen_bwd needs; shared by the op's autograd and the public function's."""
+    """Keep what varlen_bwd needs; shared by the op's autograd and the public function's.
+    inputs: varlen_fwd's arguments, the last three (window_left, window_right, softcap)
+    optional."""
     (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, max_seqlen_q,
-     max_seqlen_k, softmax_scale, causal) = inputs
+     max_seqlen_k, softmax_scale, causal) = inputs[:12]
+    window_left, window_right, softcap = (tuple(inputs[12:]) + (-1, -1, 0.0)[len(inputs) - 12:])
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                           prefix_lens)
     ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
     ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    ctx.window_left, ctx.window_right, ctx.softcap = window_left, window_right, softcap
 
 
 def backward(ctx, dout, deterministic: bool):
@@ -215,13 +243,13 @@ def backward(ctx, dout, deterministic: bool):
     return varlen_bwd(
         dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
         prefix_lens, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal,
-        deterministic)
+        deterministic, ctx.window_left, ctx.window_right, ctx.softcap)
 
 
 def _fwd_backward(ctx, dout, dlse):
     dq, dk, dv = backward(ctx, dout, torch.are_deterministic_algorithms_enabled())
     # Metadata tensors and the int / float / bool arguments have no gradient.
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 12
 
 
 torch.library.register_autograd("prefixlm::varlen_fwd", _fwd_backward,

@@ -71,22 +71,31 @@ def real_rows(slot_list: list[Slot], total_q: int, total_k: int, device=None):
     return rows_q, rows_k
 
 
-def allowed(i, j, len_q: int, len_k: int, prefix: int, causal: bool):
+def allowed(i, j, len_q: int, len_k: int, prefix: int, causal: bool,
+            window_size: tuple[int, int] = (-1, -1)):
     """The one mask definition: may query row i attend key j (both within the sequence)?
 
     full: always; causal: j <= i + (Lk - Lq), bottom-right aligned; PrefixLM: also j < P.
-    Without prefix_lens P is 0, so causal is PrefixLM with an empty prefix.
+    Without prefix_lens P is 0, so causal is PrefixLM with an empty prefix. A sliding window
+    (left, right) also requires i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right, a side
+    with -1 unbounded (csrc/mask.h).
     """
-    inside = (i < len_q) & (j < len_k)
-    if not causal:
-        return inside
-    return inside & ((j < prefix) | (j <= i + (len_k - len_q)))
+    diag = len_k - len_q
+    result = (i < len_q) & (j < len_k)
+    if causal:
+        result = result & ((j < prefix) | (j <= i + diag))
+    left, right = window_size
+    if left >= 0:
+        result = result & (j >= i + diag - left)
+    if right >= 0:
+        result = result & (j <= i + diag + right)
+    return result
 
 
-def _mask(s: Slot, rows: range, causal: bool, device) -> torch.Tensor:
+def _mask(s: Slot, rows: range, causal: bool, window_size, device) -> torch.Tensor:
     i = torch.arange(rows.start, rows.stop, device=device)[:, None]
     j = torch.arange(s.len_k, device=device)[None, :]
-    return allowed(i, j, s.len_q, s.len_k, s.prefix, causal)
+    return allowed(i, j, s.len_q, s.len_k, s.prefix, causal, window_size)
 
 
 def _row_chunks(s: Slot, heads: int, max_elems: int):
@@ -106,10 +115,19 @@ def _sum_groups(t: torch.Tensor, heads_k: int) -> torch.Tensor:
     return t.reshape(rows, heads_k, heads // heads_k, dim).sum(dim=2)
 
 
-def _probabilities(qc, kc, mask, scale):
-    """Scaled scores -> (probabilities (H, rows, Lk), lse (H, rows)), for Lk >= 1. Masked
-    entries are exactly 0; a row with no allowed key has lse -inf and all-zero probabilities."""
+def _capped_scores(qc, kc, scale, softcap):
+    """(scores (H, rows, Lk), tanh of scores / softcap or None): the scaled scores, capped to
+    softcap * tanh(s / softcap) when softcap > 0."""
     scores = torch.einsum("ihd,jhd->hij", qc, kc) * scale
+    if softcap == 0:
+        return scores, None
+    t = torch.tanh(scores / softcap)
+    return softcap * t, t
+
+
+def _probabilities(scores, mask):
+    """Scores -> (probabilities (H, rows, Lk), lse (H, rows)), for Lk >= 1. Masked
+    entries are exactly 0; a row with no allowed key has lse -inf and all-zero probabilities."""
     scores = torch.where(mask, scores, float("-inf"))
     has_key = mask.any(dim=1)  # (rows,)
     row_max = torch.where(has_key, scores.amax(dim=2), 0.0)
@@ -121,11 +139,13 @@ def _probabilities(qc, kc, mask, scale):
 
 
 def reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k=None,
-                  prefix_lens=None, softmax_scale=None, causal=False, *,
-                  compute_dtype=torch.float32, max_chunk_elems=1 << 26):
+                  prefix_lens=None, softmax_scale=None, causal=False, *, window_size=(-1, -1),
+                  softcap=0.0, compute_dtype=torch.float32, max_chunk_elems=1 << 26):
     """Returns (out like q, softmax_lse (H, total_q) in compute_dtype).
 
     Padding and tail rows: out exactly 0, lse -inf; rows with no allowed key likewise.
+    window_size: (left, right), -1 unbounded; softcap > 0 caps the scaled scores to
+    softcap * tanh(s / softcap) before the mask (the LSE is of the capped scores).
     """
     total_q, heads, dim = q.shape
     scale = dim ** -0.5 if softmax_scale is None else softmax_scale
@@ -140,15 +160,16 @@ def reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k
         for rows in _row_chunks(s, heads, max_chunk_elems):
             first, last = s.q_start + rows.start, s.q_start + rows.stop
             qc = q[first:last].to(compute_dtype)
-            probs, lse_c = _probabilities(qc, kc, _mask(s, rows, causal, q.device), scale)
+            scores, _ = _capped_scores(qc, kc, scale, softcap)
+            probs, lse_c = _probabilities(scores, _mask(s, rows, causal, window_size, q.device))
             out[first:last] = torch.einsum("hij,jhd->ihd", probs, vc)
             lse[:, first:last] = lse_c
     return out.to(q.dtype), lse
 
 
 def reference_bwd(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k=None,
-                  prefix_lens=None, softmax_scale=None, causal=False, *,
-                  compute_dtype=torch.float32, max_chunk_elems=1 << 26):
+                  prefix_lens=None, softmax_scale=None, causal=False, *, window_size=(-1, -1),
+                  softcap=0.0, compute_dtype=torch.float32, max_chunk_elems=1 << 26):
     """Returns (dq like q, dk like k, dv like v): the exact gradients of reference_fwd's out
     for the upstream gradient dout (lse gets none). Padding and tail rows are exactly 0."""
     total_q, heads, dim = q.shape
@@ -170,12 +191,15 @@ def reference_bwd(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seq
             first, last = s.q_start + rows.start, s.q_start + rows.stop
             qc = q[first:last].to(compute_dtype)
             doc = dout[first:last].to(compute_dtype)
-            probs, _ = _probabilities(qc, kc, _mask(s, rows, causal, q.device), scale)
+            scores, t = _capped_scores(qc, kc, scale, softcap)
+            probs, _ = _probabilities(scores, _mask(s, rows, causal, window_size, q.device))
             outc = torch.einsum("hij,jhd->ihd", probs, vc)
             # Softmax backward: dS = P * (dP - rowsum(dO * O)); masked entries have P = 0.
             dprobs = torch.einsum("ihd,jhd->hij", doc, vc)
             delta = (doc * outc).sum(dim=2).transpose(0, 1)  # (H, rows)
             dscores = probs * (dprobs - delta[..., None])
+            if t is not None:  # through the cap: d(c tanh(s / c)) / ds = 1 - tanh^2
+                dscores = dscores * (1 - t * t)
             dq[first:last] = torch.einsum("hij,jhd->ihd", dscores, kc) * scale
             dk_seq += torch.einsum("hij,ihd->jhd", dscores, qc) * scale
             dv_seq += torch.einsum("hij,ihd->jhd", probs, doc)
@@ -187,18 +211,18 @@ def reference_bwd(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seq
 
 
 def dense_mask(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, total_q: int,
-               total_k: int, causal: bool) -> torch.Tensor:
+               total_k: int, causal: bool, window_size=(-1, -1)) -> torch.Tensor:
     """(total_q, total_k) boolean mask over the whole packed buffer: True where a query row
     may attend a key row (same sequence, both real, allowed by the mask)."""
     mask = torch.zeros(total_q, total_k, dtype=torch.bool)
     for s in slots(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                    total_q, total_k):
-        block = _mask(s, range(s.len_q), causal, "cpu")
+        block = _mask(s, range(s.len_q), causal, window_size, "cpu")
         mask[s.q_start:s.q_start + s.len_q, s.k_start:s.k_start + s.len_k] = block
     return mask
 
 
-def masked_attention_float64(q, k, v, mask, softmax_scale=None):
+def masked_attention_float64(q, k, v, mask, softmax_scale=None, softcap=0.0):
     """A second, independent formulation used only by tests to check the reference: one
     dense float64 masked softmax over the whole packed buffer (every query row against every
     key row, `mask` (total_q, total_k) saying which pairs count), differentiable with
@@ -214,6 +238,8 @@ def masked_attention_float64(q, k, v, mask, softmax_scale=None):
     k64 = _expand_heads(k, heads).double()
     v64 = _expand_heads(v, heads).double()
     scores = torch.einsum("ihd,jhd->hij", q64, k64) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     has_key = mask.any(dim=1)
     # A masked softmax whose gradient stays finite for rows with no allowed key: the shift is
     # detached and never -inf, masked entries are selected away before exp.
@@ -227,8 +253,9 @@ def masked_attention_float64(q, k, v, mask, softmax_scale=None):
 
 
 def dense_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k=None,
-                    prefix_lens=None, softmax_scale=None, causal=False):
+                    prefix_lens=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0):
     """masked_attention_float64 with the mask of the given packed-batch metadata."""
     mask = dense_mask(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                      q.shape[0], k.shape[0], causal)
-    return masked_attention_float64(q, k, v, mask, softmax_scale)
+                      q.shape[0], k.shape[0], causal, window_size)
+    return masked_attention_float64(q, k, v, mask, softmax_scale, softcap)

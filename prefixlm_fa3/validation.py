@@ -98,8 +98,8 @@ def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, length: int
 
 
 def check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, *,
-                     check_alignment: bool = True) -> None:
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left=-1,
+                     window_right=-1, softcap=0.0, *, check_alignment: bool = True) -> None:
     """Raise TypeError (wrong dtype) or ValueError (anything else) naming the argument."""
     if q.dtype not in INPUT_DTYPES:
         raise TypeError(f"prefixlm_fa3: q must be bfloat16 or float16, got {q.dtype}")
@@ -150,15 +150,34 @@ def check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, 
             raise _fail(f"{name} must be >= 0, got {value}")
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise _fail(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+    check_window_softcap(window_left, window_right, softcap)
+
+
+# The kernels hold window sizes as int32; anything this large is unbounded in practice.
+_MAX_WINDOW = (1 << 30) - 1
+
+
+def check_window_softcap(window_left, window_right, softcap) -> None:
+    """window_size = (window_left, window_right): -1 (unbounded) or a number of keys >= 0;
+    softcap: 0 (off) or a finite positive cap."""
+    for name, value in (("window_size[0] (window_left)", window_left),
+                        ("window_size[1] (window_right)", window_right)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"prefixlm_fa3: {name} must be an int, got {type(value).__name__}")
+        if not -1 <= value <= _MAX_WINDOW:
+            raise _fail(f"{name} must be -1 (unbounded) or in [0, {_MAX_WINDOW}], got {value}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise _fail(f"softcap must be 0 (off) or a finite positive number, got {softcap}")
 
 
 def check_bwd_inputs(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                      seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     *, check_alignment: bool = True) -> None:
+                     window_left=-1, window_right=-1, softcap=0.0, *,
+                     check_alignment: bool = True) -> None:
     """The forward's checks, plus out / dout like q and softmax_lse (H, total_q) float32."""
     check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                     max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     check_alignment=check_alignment)
+                     max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                     window_right, softcap, check_alignment=check_alignment)
     _check_rows_heads_dim("out", out, q, q.shape, check_alignment)
     _check_rows_heads_dim("dout", dout, q, q.shape, check_alignment)
     if softmax_lse.dtype != torch.float32:

@@ -34,6 +34,7 @@ class PackedBatch:
     max_seqlen_q: int
     max_seqlen_k: int
     causal: bool
+    window_size: tuple = (-1, -1)  # sliding window (left, right), -1 unbounded
 
     @property
     def meta(self) -> tuple:
@@ -44,6 +45,10 @@ class PackedBatch:
     def op_args(self, scale: float) -> tuple:
         """Every varlen_fwd argument after q, k, v."""
         return (*self.meta, self.max_seqlen_q, self.max_seqlen_k, scale, self.causal)
+
+    def window_kwargs(self) -> dict:
+        """The ops' window keyword arguments."""
+        return dict(window_left=self.window_size[0], window_right=self.window_size[1])
 
     def real_masks(self):
         """Boolean (total_q,), (total_k,) masks of the real rows (the clamped metadata)."""

@@ -17,6 +17,47 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("window_left,window_right,softcap", [(2, 0, 0.0), (-1, 1, 1.5)])
+def test_opcheck_window_and_softcap(window_left, window_right, softcap):
+    b = packed_batch(**OPCHECK_CASES["prefixlm_cross"], seed=3)
+    extra = dict(window_left=window_left, window_right=window_right, softcap=softcap)
+    q, k, v = (t.requires_grad_() for t in (b.q, b.k, b.v))
+    torch.library.opcheck(torch.ops.prefixlm.varlen_fwd, (q, k, v, *b.op_args(0.125)), extra)
+    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(0.125), **extra)
+    ref_out, ref_lse = reference_fwd(b.q, b.k, b.v, *b.meta, 0.125, b.causal,
+                                     window_size=(window_left, window_right), softcap=softcap)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    b = packed_batch(**OPCHECK_CASES["prefixlm_cross"], seed=3)  # inputs without grad
+    out, lse = out.detach(), lse.detach()
+    dout = torch.randn_like(b.q)
+    torch.library.opcheck(torch.ops.prefixlm.varlen_bwd,
+                          (dout, b.q, b.k, b.v, out, lse, *b.op_args(0.125), False), extra)
+
+
+def test_public_function_passes_window_and_softcap_through_autograd():
+    b = random_packed_batch(11, mode="prefixlm", heads=2, heads_k=1)
+    window, softcap = (9, 2), 0.8
+    leaves = [t.clone().requires_grad_() for t in (b.q, b.k, b.v)]
+    out = flash_attn_varlen_func(*leaves, b.cu_seqlens_q, b.cu_seqlens_k, b.max_seqlen_q,
+                                 b.max_seqlen_k, seqused_q=b.seqused_q, seqused_k=b.seqused_k,
+                                 prefix_lens=b.prefix_lens, causal=True, window_size=window,
+                                 softcap=softcap)
+    ref_out, _ = reference_fwd(b.q, b.k, b.v, *b.meta, b.q.shape[-1] ** -0.5, True,
+                               window_size=window, softcap=softcap)
+    assert torch.equal(out, ref_out)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref = reference_bwd(dout, b.q, b.k, b.v, *b.meta, b.q.shape[-1] ** -0.5, True,
+                        window_size=window, softcap=softcap)
+    for got, want in zip((leaf.grad for leaf in leaves), ref):
+        assert torch.equal(got, want)
+
+
+def test_softcap_on_cuda_raises_until_implemented():
+    with pytest.raises(NotImplementedError, match="softcap"):
+        ops._require_cuda_kernel("fwd", 30.0)
+
+
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck_fwd(case):
     b = packed_batch(**OPCHECK_CASES[case], seed=1)

@@ -30,6 +30,28 @@ def test_mask_definition_on_hand_written_cases():
     assert _grid(2, 2, 1, False) == [[1, 1], [1, 1]]
 
 
+def _window_grid(len_q, len_k, prefix, causal, window):
+    i = torch.arange(len_q)[:, None]
+    j = torch.arange(len_k)[None, :]
+    return allowed(i, j, len_q, len_k, prefix, causal, window).int().tolist()
+
+
+def test_sliding_window_on_hand_written_cases():
+    # (left, right) around the bottom-right diagonal j = i + (Lk - Lq); -1 = unbounded.
+    assert _window_grid(3, 3, 0, False, (1, 0)) == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert _window_grid(3, 3, 0, False, (0, 1)) == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert _window_grid(3, 3, 0, False, (-1, 0)) == _grid(3, 3, 0, True)
+    assert _window_grid(2, 4, 0, False, (0, 0)) == [[0, 0, 1, 0], [0, 0, 0, 1]]
+    # An AND over the mask: with PrefixLM the prefix is windowed too (row 3 loses key 0).
+    assert _window_grid(4, 4, 3, True, (2, -1)) == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0],
+                                                    [0, 1, 1, 1]]
+    # A right window inside the prefix: rows see at most `right` keys ahead.
+    assert _window_grid(4, 4, 3, True, (-1, 1)) == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0],
+                                                    [1, 1, 1, 1]]
+    # A window larger than the sequence changes nothing.
+    assert _window_grid(3, 5, 2, True, (99, 99)) == _grid(3, 5, 2, True)
+
+
 def test_slots_clamp_inconsistent_metadata():
     cu_q = torch.tensor([0, 4, 2, 50], dtype=torch.int32)  # non-monotone, beyond the buffer
     cu_k = torch.tensor([-3, 4, 9, 10], dtype=torch.int32)
@@ -221,3 +243,40 @@ def test_inconsistent_metadata_is_clamped_not_out_of_bounds():
     # Non-monotone and negative boundaries: empty or clamped slots, still no IndexError.
     run(i32([0, 9, 3, 2]), i32([-4, 2, 1, total_q]), i32([-1, 3, 99]), i32([5, -2, 99]),
         i32([2, 1, 0]))
+
+
+# Window sizes that split a 128-key block, 0, one side unbounded, and beyond the sequence.
+WINDOWS = [(0, 0), (5, 0), (17, 3), (-1, 2), (64, -1), (1000, 1000)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("softcap", [0.0, 0.7])
+def test_window_and_softcap_match_dense_float64(mode, window, softcap):
+    b = _float64_batch(7, mode, cross=True, heads=2, heads_k=1)
+    scale = 0.4
+    out, lse = reference_fwd(b.q, b.k, b.v, *b.meta, scale, b.causal, window_size=window,
+                             softcap=softcap, compute_dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (b.q, b.k, b.v)]
+    out_d, lse_d = dense_attention(*leaves, *b.meta, scale, b.causal, window, softcap)
+    torch.testing.assert_close(out, out_d, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, lse_d, rtol=1e-10, atol=1e-12)
+    dout = torch.randn_like(b.q)
+    out_d.backward(dout)
+    grads = reference_bwd(dout, b.q, b.k, b.v, *b.meta, scale, b.causal, window_size=window,
+                          softcap=softcap, compute_dtype=torch.float64)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_softcap_bounds_the_scores():
+    # Huge logits: uncapped, one key takes everything; capped at c, no probability ratio
+    # can exceed exp(2c).
+    b = packed_batch([1], [4], head_dim=64, dtype=torch.float64, seed=3)
+    q = b.q * 1000
+    c = 0.5
+    out, lse = reference_fwd(q, b.k, b.v, *b.meta, 1.0, False, softcap=c,
+                             compute_dtype=torch.float64)
+    _, lse_raw = reference_fwd(q, b.k, b.v, *b.meta, 1.0, False, compute_dtype=torch.float64)
+    assert lse.abs().max().item() <= c + torch.log(torch.tensor(4.0)).item() + 1e-12
+    assert lse_raw.abs().max().item() > 100

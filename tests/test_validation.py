@@ -129,6 +129,37 @@ def test_bwd_input_errors_name_the_argument(case):
                                       *list(args.values())[3:], False)
 
 
+# Window sizes and softcap (keyword arguments of both ops, window_size / softcap of the
+# public function).
+WINDOW_CASES = [
+    (dict(window_left=-2), "window_size[0] (window_left) must be -1 (unbounded) or in [0, "),
+    (dict(window_right=-5), "window_size[1] (window_right) must be -1 (unbounded) or in [0, "),
+    (dict(window_left=1 << 40), "window_size[0] (window_left) must be -1 (unbounded)"),
+    (dict(softcap=-1.0), "softcap must be 0 (off) or a finite positive number, got -1.0"),
+    (dict(softcap=math.inf), "softcap must be 0 (off) or a finite positive number"),
+    (dict(softcap=math.nan), "softcap must be 0 (off) or a finite positive number"),
+]
+
+
+@pytest.mark.parametrize("kwargs,words", WINDOW_CASES, ids=[c[1][:30] for c in WINDOW_CASES])
+def test_window_and_softcap_errors_name_the_argument(kwargs, words):
+    args = _valid_fwd()
+    match = "^prefixlm_fa3: " + re.escape(words)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.prefixlm.varlen_fwd(*args.values(), **kwargs)
+    out, lse = torch.ops.prefixlm.varlen_fwd(*args.values())
+    with pytest.raises(ValueError, match=match):
+        torch.ops.prefixlm.varlen_bwd(out, args["q"], args["k"], args["v"], out, lse,
+                                      *list(args.values())[3:], False, **kwargs)
+    window = (kwargs.get("window_left", -1), kwargs.get("window_right", -1))
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen_func(args["q"], args["k"], args["v"], args["cu_seqlens_q"],
+                               args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"],
+                               seqused_q=args["seqused_q"], seqused_k=args["seqused_k"],
+                               prefix_lens=args["prefix_lens"], causal=True, window_size=window,
+                               softcap=kwargs.get("softcap", 0.0))
+
+
 BWD_CASES = [
     ("dout", lambda o, l: o.float(), TypeError, "dout must have the dtype of q"),
     ("dout", lambda o, l: o[:-1], ValueError, "dout must have shape"),

@@ -1,3 +1,4 @@
 #include "bwd_launch.cuh"
 
 PREFIXLM_BWD_INSTANCE(64, fp16)
+PREFIXLM_BWD_WINDOW_INSTANCE(64, fp16)

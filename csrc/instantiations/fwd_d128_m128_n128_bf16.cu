@@ -1,3 +1,4 @@
 #include "fwd_launch.cuh"
 
 PREFIXLM_FWD_INSTANCE(128, bf16, 128, 128)
+PREFIXLM_FWD_WINDOW_INSTANCE(128, bf16, 128, 128)

@@ -26,15 +26,17 @@ MODES = ("full", "causal", "prefixlm")
 def fwd(b, q=None, k=None, v=None):
     return torch.ops.prefixlm.varlen_fwd(b.q if q is None else q, b.k if k is None else k,
                                          b.v if v is None else v,
-                                         *b.op_args(b.q.shape[-1] ** -0.5))
+                                         *b.op_args(b.q.shape[-1] ** -0.5), **b.window_kwargs())
 
 
 def check_against_reference(b, out, lse, max_chunk_elems=1 << 26):
     """Reference on upcast inputs (float32 result) vs the same in the input precision."""
     ref_out, ref_lse = reference_fwd(b.q.float(), b.k.float(), b.v.float(), *b.meta, None,
-                                     b.causal, max_chunk_elems=max_chunk_elems)
+                                     b.causal, window_size=b.window_size,
+                                     max_chunk_elems=max_chunk_elems)
     lp_out, lp_lse = reference_fwd(b.q, b.k, b.v, *b.meta, None, b.causal,
-                                   compute_dtype=b.q.dtype, max_chunk_elems=max_chunk_elems)
+                                   window_size=b.window_size, compute_dtype=b.q.dtype,
+                                   max_chunk_elems=max_chunk_elems)
     assert_precision("out", out, ref_out, lp_out)
     assert_precision("lse", lse, ref_lse, lp_lse, dtype=b.q.dtype)
 
@@ -67,6 +69,22 @@ def test_forward_mixed_batch(mode, heads, heads_k, cross, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + heads_k
     b = mixed_batch(seed, mode, cross=cross, heads=heads, heads_k=heads_k, head_dim=head_dim,
                     dtype=dtype, device=DEVICE)
+    check_forward(b)
+
+
+# Sliding windows: 0, splitting a 128-key block, one side unbounded, one block exactly,
+# beyond every sequence.
+WINDOWS = [(0, 0), (5, 0), (127, 0), (128, 3), (200, 129), (-1, 64), (300, -1), (5000, 5000)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_forward_sliding_window(mode, window, head_dim, dtype):
+    seed = MODES.index(mode) * 1000 + head_dim + WINDOWS.index(window)
+    b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
+                    head_dim=head_dim, dtype=dtype, device=DEVICE)
+    b.window_size = window
     check_forward(b)
 
 
