@@ -14,6 +14,8 @@ DEVICE = "cuda"  # a module constant so host-side tests can run the device code 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 KINDS = ("full", "causal")
 QUICK_SHAPES = (("full", 8192), ("causal", 8192), ("full", 2048), ("causal", 2048))
+# The sliding-window case of the main table (issue #12): causal 8k sequences, 1024 keys back.
+WINDOW_CASE = ("causal", 8192, (1024, 0))
 PREFIXLM_HEADS = 16  # SPEC: the HRM-Text-shaped PrefixLM batch runs H=16 at every D
 
 
@@ -22,18 +24,25 @@ def dense_heads(head_dim: int) -> int:
     return 32 if head_dim <= 64 else 16
 
 
-def allowed_pairs(lq: int, lk: int, causal: bool, prefix: int | None = None) -> int:
-    """Exact number of (i, j) pairs SPEC's mask allows in one sequence (Lq rows, Lk keys)."""
+def allowed_pairs(lq: int, lk: int, causal: bool, prefix: int | None = None,
+                  window: tuple[int, int] = (-1, -1)) -> int:
+    """Exact number of (i, j) pairs SPEC's mask allows in one sequence (Lq rows, Lk keys).
+    Row i sees the keys [lo(i), hi(i)): one interval (csrc/mask.h)."""
     if lq <= 0 or lk <= 0:
         return 0
-    if not causal:
-        return lq * lk
     rows = np.arange(lq, dtype=np.int64)
-    # causal is bottom-right aligned: row i sees keys j <= i + (Lk - Lq)
-    per_row = np.clip(rows + (lk - lq) + 1, 0, lk)
-    if prefix is not None:
-        per_row = np.maximum(per_row, min(max(prefix, 0), lk))
-    return int(per_row.sum())
+    diag = lk - lq
+    hi = np.full(lq, lk, dtype=np.int64)
+    if causal:
+        # causal is bottom-right aligned: row i sees keys j <= i + (Lk - Lq)
+        hi = np.clip(rows + diag + 1, 0, lk)
+        if prefix is not None:
+            hi = np.maximum(hi, min(max(prefix, 0), lk))
+    left, right = window
+    lo = np.maximum(rows + diag - left, 0) if left >= 0 else np.zeros(lq, dtype=np.int64)
+    if right >= 0:
+        hi = np.minimum(hi, np.clip(rows + diag + right + 1, 0, lk))
+    return int(np.clip(hi - lo, 0, None).sum())
 
 
 def seqlen_label(n: int) -> str:
@@ -55,6 +64,11 @@ class Batch:
     heads: int
     prefix: tuple[int, ...] | None = None
     tail: int = 0
+    window: tuple[int, int] = (-1, -1)  # sliding window (left, right), -1 unbounded
+
+    @property
+    def windowed(self) -> bool:
+        return self.window != (-1, -1)
 
     @property
     def causal(self) -> bool:
@@ -74,8 +88,9 @@ class Batch:
 
     @property
     def dense(self) -> bool:
-        """Equal-length sequences without padding: expressible as (B, H, S, D) for SDPA."""
-        return not self.padded and len(set(self.slots)) == 1 and self.prefix is None
+        """Equal-length sequences without padding or window: (B, H, S, D) for SDPA."""
+        return (not self.padded and len(set(self.slots)) == 1 and self.prefix is None
+                and not self.windowed)
 
     @property
     def max_len(self) -> int:
@@ -84,7 +99,8 @@ class Batch:
     @property
     def pairs(self) -> int:
         prefixes = self.prefix or (None,) * len(self.used)
-        return sum(allowed_pairs(n, n, self.causal, p) for n, p in zip(self.used, prefixes))
+        return sum(allowed_pairs(n, n, self.causal, p, self.window)
+                   for n, p in zip(self.used, prefixes))
 
     def fwd_flops(self, head_dim: int) -> int:
         """SPEC: 4·D·H·pairs (the backward counts 2.5x that)."""
@@ -109,9 +125,12 @@ class Batch:
         return self.real_rows() & ~self.prefix_rows()
 
 
-def dense_batch(kind: str, seqlen: int, heads: int) -> Batch:
+def dense_batch(kind: str, seqlen: int, heads: int, window: tuple[int, int] = (-1, -1)) -> Batch:
     n = TOKENS // seqlen
-    return Batch(kind, f"{kind} {seqlen_label(seqlen)}", (seqlen,) * n, (seqlen,) * n, heads)
+    label = f"{kind} {seqlen_label(seqlen)}"
+    if window != (-1, -1):
+        label += f" window {window[0]},{window[1]}"
+    return Batch(kind, label, (seqlen,) * n, (seqlen,) * n, heads, window=window)
 
 
 def prefixlm_batch(seed: int = 0) -> Batch:
@@ -140,10 +159,14 @@ def padded_full_batch(seed: int = 1) -> Batch:
 
 
 def plan(dims: list[int], quick: bool) -> list[tuple[Batch, int]]:
-    """(batch, head_dim) of the main table, in order: per D the dense cases, then PrefixLM."""
+    """(batch, head_dim) of the main table, in order: per D the dense cases, the windowed one
+    (full runs), then PrefixLM."""
     shapes = QUICK_SHAPES if quick else [(kind, n) for n in SEQLENS for kind in KINDS]
+    windowed = [] if quick else [WINDOW_CASE]
     return [(b, d) for d in dims
-            for b in [*(dense_batch(k, n, dense_heads(d)) for k, n in shapes), prefixlm_batch()]]
+            for b in [*(dense_batch(k, n, dense_heads(d)) for k, n in shapes),
+                      *(dense_batch(k, n, dense_heads(d), w) for k, n, w in windowed),
+                      prefixlm_batch()]]
 
 
 @dataclass

@@ -62,6 +62,7 @@ class Varlen:
     max_seqlen_k: int
     causal: bool
     prefix_lens: torch.Tensor | None = None
+    window: tuple[int, int] = (-1, -1)  # (left, right), -1 unbounded
 
 
 # varlen(q, k, v, metadata, softmax_scale) -> out
@@ -71,7 +72,7 @@ VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Varlen, float], t
 def case_varlen(batch: Batch, inp: Inputs) -> Varlen:
     """The case as one call: q and k share slots, seqused and prefixes."""
     return Varlen(inp.cu, inp.cu, inp.seqused, inp.seqused, batch.max_len, batch.max_len,
-                  batch.causal, inp.prefix)
+                  batch.causal, inp.prefix, batch.window)
 
 
 class FillGradRows(torch.autograd.Function):
@@ -167,7 +168,7 @@ class Ours(Peer):
         return prefixlm_fa3.flash_attn_varlen_func(
             q, k, v, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k,
             seqused_q=m.seqused_q, seqused_k=m.seqused_k, prefix_lens=m.prefix_lens,
-            softmax_scale=scale, causal=m.causal)
+            softmax_scale=scale, causal=m.causal, window_size=m.window)
 
     def build(self, batch, inp, with_bwd):
         meta = case_varlen(batch, inp)
@@ -215,10 +216,13 @@ class FA4(Peer):
         # qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
         # min_seqlen_k=None, seqused_q=None, seqused_k=None, ..., softmax_scale=None,
         # causal=False, ...) -> (out, lse). Keywords only: the fourth parameter is qv.
+        # A window is passed only when there is one (FA4 spells unbounded None, not -1).
+        window = {} if m.window == (-1, -1) else {
+            "window_size": tuple(None if w < 0 else w for w in m.window)}
         out, _ = _fa4_varlen_func()(
             q, k, v, cu_seqlens_q=m.cu_seqlens_q, cu_seqlens_k=m.cu_seqlens_k,
             max_seqlen_q=m.max_seqlen_q, max_seqlen_k=m.max_seqlen_k, seqused_q=m.seqused_q,
-            seqused_k=m.seqused_k, softmax_scale=scale, causal=m.causal)
+            seqused_k=m.seqused_k, softmax_scale=scale, causal=m.causal, **window)
         return out
 
     def build(self, batch, inp, with_bwd):
@@ -337,6 +341,9 @@ class Flex(Peer):
     packed batches as one (1, H, total, D) sequence with a document + PrefixLM mask_mod."""
 
     key, title = "flex", "FlexAttention"
+
+    def applies(self, batch):
+        return not batch.windowed  # packed_mask has no window term
 
     def build(self, batch, inp, with_bwd):
         from torch.nn.attention.flex_attention import create_block_mask

@@ -17,7 +17,7 @@ def _reference_pairs(batch: cases.Batch) -> int:
     mask = dense_mask(as_int32(batch.cu), as_int32(batch.cu), as_int32(batch.used),
                       as_int32(batch.used),
                       as_int32(batch.prefix) if batch.prefix is not None else None,
-                      batch.total, batch.total, batch.causal)
+                      batch.total, batch.total, batch.causal, batch.window)
     return int(mask.sum())
 
 
@@ -35,6 +35,20 @@ def test_allowed_pairs_matches_the_reference_mask(causal):
         want = int(mask.sum())
         got = cases.allowed_pairs(lq, lk, causal, prefix if causal else None)
         assert got == want, (lq, lk, prefix, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(0, 0), (3, -1), (-1, 2), (17, 5), (1000, 1000)])
+def test_allowed_pairs_with_a_window_matches_the_reference_mask(causal, window):
+    as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
+    for lq, lk, prefix in [(1, 1, None), (7, 3, 2), (3, 7, None), (129, 129, 64), (64, 200, 17),
+                           (200, 64, 300)]:
+        prefix = prefix if causal else None
+        mask = dense_mask(as_int32([0, lq]), as_int32([0, lk]), None, None,
+                          as_int32([prefix]) if prefix is not None else None, lq, lk, causal,
+                          window)
+        got = cases.allowed_pairs(lq, lk, causal, prefix, window)
+        assert got == int(mask.sum()), (lq, lk, prefix, causal, window)
 
 
 def test_batches_keep_their_promises():
@@ -62,6 +76,11 @@ def test_batches_keep_their_promises():
     # SPEC's protocol: H=16 at D=128, H=32 at D=64 on dense cases, PrefixLM H=16 at every D
     plan = cases.plan([128, 64], quick=True)
     assert len(plan) == 2 * (len(cases.QUICK_SHAPES) + 1)
+    full_plan = cases.plan([128], quick=False)
+    windowed = [b for b, _ in full_plan if b.windowed]
+    assert len(windowed) == 1 and not windowed[0].dense and windowed[0].window == (1024, 0)
+    assert windowed[0].pairs == 2 * cases.allowed_pairs(8192, 8192, True, None, (1024, 0))
+    assert not peers.Flex().applies(windowed[0]) and not peers.Cudnn().applies(windowed[0])
     assert {(d, b.heads) for b, d in plan if b.dense} == {(128, 16), (64, 32)}
     assert {b.heads for b, _ in plan if b.kind == "prefixlm"} == {16}
 
