@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
-padded PrefixLM batches at D=64 and D=128, GQA and Lq != Lk included, plus a batch whose
-cu_seqlens decrease. Run it under each tool, e.g.
+padded PrefixLM batches at D=64 and D=128, GQA and Lq != Lk included, the same with a sliding
+window (the window kernels), plus a batch whose cu_seqlens decrease. Run it under each tool, e.g.
 
     compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
     compute-sanitizer --tool synccheck python3 tools/sanitize_workload.py
@@ -10,6 +10,7 @@ cu_seqlens decrease. Run it under each tool, e.g.
 Small sizes on purpose: the tools slow kernels down by orders of magnitude.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import prefixlm_fa3  # noqa: E402,F401  (registers the ops)
 
 def run(b, deterministic):
     scale = b.q.shape[-1] ** -0.5
-    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(scale))
+    out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(scale),
+                                             **b.window_kwargs())
     grads = torch.ops.prefixlm.varlen_bwd(torch.randn_like(b.q), b.q, b.k, b.v, out, lse,
-                                          *b.op_args(scale), deterministic)
+                                          *b.op_args(scale), deterministic, **b.window_kwargs())
     torch.cuda.synchronize()
     return out, grads
 
@@ -38,6 +40,9 @@ def main():
         batches.append(packed_batch([70, 150], [190, 33], pad_q=[1, 2], pad_k=[4, 0], tail_q=2,
                                     tail_k=6, causal=True, heads=2, head_dim=d, device="cuda",
                                     seed=d + 1))
+    for b in list(batches):
+        for window in ((37, 0), (-1, 70)):  # split blocks on the left / the right
+            batches.append(dataclasses.replace(b, window_size=window))
     for b in batches:
         for det in (False, True):
             run(b, det)
