@@ -110,7 +110,7 @@ def zero_write_study(batch: Batch, head_dim: int, bench: Bench, with_bwd: bool) 
 
     def fwd(zero_padding):
         return lambda: ext.fwd(inp.q, inp.k, inp.v, *meta, out, lse, inp.scale, batch.causal,
-                               -1, -1, zero_padding, stream)
+                               -1, -1, 0.0, zero_padding, stream)
 
     result = {"case": batch.label, "head_dim": head_dim, "heads": batch.heads}
     on, off = paired_median(bench, fwd(True), fwd(False))
@@ -121,7 +121,7 @@ def zero_write_study(batch: Batch, head_dim: int, bench: Bench, with_bwd: bool) 
 
         def bwd(zero_padding):
             return lambda: ext.bwd(inp.dout, inp.q, inp.k, inp.v, out, lse, *meta, dq, dk, dv,
-                                   inp.scale, batch.causal, -1, -1, False, zero_padding, stream)
+                                   inp.scale, batch.causal, -1, -1, 0.0, False, zero_padding, stream)
 
         try:
             on, off = paired_median(bench, bwd(True), bwd(False))

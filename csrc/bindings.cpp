@@ -3,6 +3,7 @@
 // The public ops (prefixlm::varlen_fwd / varlen_bwd) are defined in Python, which validates
 // the inputs, allocates the outputs and passes the current CUDA stream; these lower-level ops
 // only check what would otherwise let a kernel touch memory out of bounds, then launch.
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -62,7 +63,7 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
                                      const std::optional<Tensor>& seqused_k,
                                      const std::optional<Tensor>& prefix_lens,
                                      double softmax_scale, bool causal, int64_t window_left,
-                                     int64_t window_right) {
+                                     int64_t window_right, double softcap) {
   const int device = q.get_device_index();
   check_cuda(q, "q", device);
   check_cuda(k, "k", device);
@@ -104,6 +105,9 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
                   "prefixlm_C: window sizes must be in [-1, 2^30)");
   p.window_left = static_cast<int>(window_left);
   p.window_right = static_cast<int>(window_right);
+  STD_TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap),
+                  "prefixlm_C: softcap must be 0 or a finite positive number");
+  p.softcap = static_cast<float>(softcap);
   p.bf16 = q.scalar_type() == ScalarType::BFloat16;
   p.softmax_scale = static_cast<float>(softmax_scale);
   return p;
@@ -124,10 +128,10 @@ void fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,
          std::optional<Tensor> seqused_q, std::optional<Tensor> seqused_k,
          std::optional<Tensor> prefix_lens, Tensor out, Tensor softmax_lse,
          double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-         bool zero_padding, int64_t stream) {
+         double softcap, bool zero_padding, int64_t stream) {
   prefixlm::VarlenProblem p =
       make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                   softmax_scale, causal, window_left, window_right);
+                   softmax_scale, causal, window_left, window_right, softcap);
   const int device = q.get_device_index();
   check_cuda(out, "out", device);
   STD_TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.size(0) == q.size(0),
@@ -167,10 +171,11 @@ void bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_l
          Tensor cu_seqlens_q, Tensor cu_seqlens_k, std::optional<Tensor> seqused_q,
          std::optional<Tensor> seqused_k, std::optional<Tensor> prefix_lens, Tensor dq,
          Tensor dk, Tensor dv, double softmax_scale, bool causal, int64_t window_left,
-         int64_t window_right, bool deterministic, bool zero_padding, int64_t stream) {
+         int64_t window_right, double softcap, bool deterministic, bool zero_padding,
+         int64_t stream) {
   prefixlm::VarlenProblem p =
       make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
-                   softmax_scale, causal, window_left, window_right);
+                   softmax_scale, causal, window_left, window_right, softcap);
   const int device = q.get_device_index();
   check_like(out, q, "out", device);
   check_like(dout, q, "dout", device);
@@ -215,13 +220,13 @@ STABLE_TORCH_LIBRARY(prefixlm_C, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "Tensor? seqused_q, Tensor? seqused_k, Tensor? prefix_lens, Tensor(a!) out, "
       "Tensor(b!) softmax_lse, float softmax_scale, bool causal, int window_left, "
-      "int window_right, bool zero_padding, int stream) -> ()");
+      "int window_right, float softcap, bool zero_padding, int stream) -> ()");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
       "Tensor? prefix_lens, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float softmax_scale, "
-      "bool causal, int window_left, int window_right, bool deterministic, bool zero_padding, "
-      "int stream) -> ()");
+      "bool causal, int window_left, int window_right, float softcap, bool deterministic, "
+      "bool zero_padding, int stream) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(prefixlm_C, CUDA, m) {

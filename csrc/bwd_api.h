@@ -109,7 +109,7 @@ inline int64_t bwd_workspace_bytes(const VarlenProblem& p) {
 void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
 
 // Per-instantiation launchers, defined in instantiations/.
-template <int kHeadDim, class Element, bool kWindow>
+template <int kHeadDim, class Element, bool kWindow, bool kSoftcap>
 void run_bwd_instance(const BwdParams& params, const BwdWorkspace& ws, cudaStream_t stream);
 
 }  // namespace prefixlm

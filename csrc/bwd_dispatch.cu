@@ -43,23 +43,33 @@ void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
   if (p.total_q == 0 && p.total_k == 0) return;  // nothing to write
   BwdWorkspace ws;
   bwd_workspace_layout(p, workspace, &ws);
-  // The sliding window has its own main kernels (BwdTraits::kWindow).
+  // A softcap has its own main kernels (which also take a window), so has the window alone
+  // (BwdTraits::kSoftcap / kWindow).
+  const bool c = p.softcap > 0.f;
   const bool w = p.windowed();
   switch (p.head_dim) {
     case 64:
-      if (w) {
-        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true>(params, ws, stream)
-                      : run_bwd_instance<64, cutlass::half_t, true>(params, ws, stream);
+      if (c) {
+        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true, true>(params, ws, stream)
+                      : run_bwd_instance<64, cutlass::half_t, true, true>(params, ws, stream);
       }
-      return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, false>(params, ws, stream)
-                    : run_bwd_instance<64, cutlass::half_t, false>(params, ws, stream);
+      if (w) {
+        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true, false>(params, ws, stream)
+                      : run_bwd_instance<64, cutlass::half_t, true, false>(params, ws, stream);
+      }
+      return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, false, false>(params, ws, stream)
+                    : run_bwd_instance<64, cutlass::half_t, false, false>(params, ws, stream);
     case 128:
-      if (w) {
-        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true>(params, ws, stream)
-                      : run_bwd_instance<128, cutlass::half_t, true>(params, ws, stream);
+      if (c) {
+        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true, true>(params, ws, stream)
+                      : run_bwd_instance<128, cutlass::half_t, true, true>(params, ws, stream);
       }
-      return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, false>(params, ws, stream)
-                    : run_bwd_instance<128, cutlass::half_t, false>(params, ws, stream);
+      if (w) {
+        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true, false>(params, ws, stream)
+                      : run_bwd_instance<128, cutlass::half_t, true, false>(params, ws, stream);
+      }
+      return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, false, false>(params, ws, stream)
+                    : run_bwd_instance<128, cutlass::half_t, false, false>(params, ws, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no backward kernel for head_dim=" +
                                   std::to_string(p.head_dim) + " (supported: 64, 128)");

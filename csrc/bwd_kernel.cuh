@@ -41,6 +41,7 @@
 #include "mask.h"
 #include "params.h"
 #include "scheduler.h"
+#include "softmax.h"
 #include "tile_handoff.h"
 
 namespace prefixlm {
@@ -54,10 +55,12 @@ struct DqJob {
   int turn;        // ordered (deterministic) mode: add when the word equals this (dq_turn); else -1
 };
 
-// kWindow_: built for a sliding window (see FwdTraits).
-template <int kHeadDim_, class Element_, bool kWindow_ = false>
+// kWindow_ / kSoftcap_: built for a sliding window / a softcap (see FwdTraits).
+template <int kHeadDim_, class Element_, bool kWindow_ = false, bool kSoftcap_ = false>
 struct BwdTraits {
   static constexpr bool kWindow = kWindow_;
+  static constexpr bool kSoftcap = kSoftcap_;
+  static_assert(kWindow || !kSoftcap, "softcap kernels also take the window");
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
@@ -193,7 +196,8 @@ struct BwdKernelParams {
   typename Traits::TmaK tma_k;
   typename Traits::TmaK tma_v;
   int* tile_counter;  // the schedule's ScheduleCounts::tile_counter
-  float scale_log2;
+  float scale_log2;     // log2(e) times softmax_scale, or the softcap (kSoftcap)
+  float softcap_scale;  // kSoftcap: softmax_scale / softcap
 };
 
 // Named barrier 1: the two compute warpgroups (0 is __syncthreads).
@@ -589,19 +593,22 @@ __device__ inline auto bwd_load_query_values(const float* rows, const Coord& coo
 // P^T = exp2(S^T * scale_log2 - LSE) in place, exactly 0 (by select) where the mask forbids
 // the pair or the query is at or past Lq. scores / coord: (keys, queries) views of the
 // accumulator and of its coordinates; lse: the LSE of each column (bwd_load_query_values).
+// Softcap (kSoftcap): P^T = exp2(t * scale_log2 - LSE) with t = tanh(S^T * softcap_scale).
 template <class Traits, class Scores, class Coord, class Values>
 __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const Values& lse,
                                          const MaskInfo& mask, int m0, int n0,
-                                         float scale_log2) {
+                                         float scale_log2, float softcap_scale) {
   constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
+  auto prob = [&](float s, float row_lse) {
+    if constexpr (Traits::kSoftcap) s = tanh_approx(s * softcap_scale);
+    return exp2f(s * scale_log2 - row_lse);
+  };
   if (mask.block_fully_allowed(m0, m0 + Traits::kBlockM, n0, n0 + Traits::kBlockN)) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float row_lse = lse[c];
       CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < size<0>(scores); ++r) {
-        scores(r, c) = exp2f(scores(r, c) * scale_log2 - row_lse);
-      }
+      for (int r = 0; r < size<0>(scores); ++r) scores(r, c) = prob(scores(r, c), row_lse);
     }
   } else {
     CUTLASS_PRAGMA_UNROLL
@@ -611,7 +618,7 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
       for (int r = 0; r < size<0>(scores); ++r) {
         const int j = n0 + get<0>(coord(r, c));
         const int i = m0 + get<1>(coord(r, c));
-        const float pv = exp2f(scores(r, c) * scale_log2 - row_lse);
+        const float pv = prob(scores(r, c), row_lse);
         scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
       }
     }
@@ -625,23 +632,44 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
 // instructions per element are skipped (they sit between the dP wait and the dS hand-off).
 // dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: D of each column
 // (bwd_load_query_values).
-template <class DP, class P, class Values>
-__device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real) {
-  if (keys_real) {
+// Softcap (kSoftcap): dS^T also takes the cap's derivative 1 - t^2, with t recovered from P^T
+// (t scale_log2 = log2 P^T + LSE, clamped to [-1, 1] so that P^T = 0 gives 0): one MUFU.LG2
+// per element instead of t kept in registers through the dP wait (D=64 spilled 1.2 KB). The
+// LSE comes from shared memory (lse_rows, the block's rows) a column pair at a time: loaded
+// as a whole beforehand it spilled too. scale_log2: the softcap's c log2 e.
+template <class Traits, class DP, class P, class Values, class Coord>
+__device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real,
+                              const float* lse_rows, const Coord& coord, float scale_log2) {
+  // kSelect: P^T == 0 selects 0 (keys past Lk, see above).
+  auto run = [&](auto select) {
+    constexpr bool kSelect = decltype(select)::value;
     CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < size<1>(dpt); ++c) {
+    for (int c = 0; c < size<1>(dpt); c += 2) {
+      float2 lse = make_float2(0.f, 0.f);
+      if constexpr (Traits::kSoftcap) {
+        lse = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+      }
       CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < size<0>(dpt); ++r) dpt(r, c) = p(r, c) * (dpt(r, c) - dpsum[c]);
-    }
-  } else {
-    CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < size<1>(dpt); ++c) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < size<0>(dpt); ++r) {
-        const float pv = p(r, c);
-        dpt(r, c) = pv != 0.f ? pv * (dpt(r, c) - dpsum[c]) : 0.f;
+      for (int cc = c; cc < c + 2; ++cc) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < size<0>(dpt); ++r) {
+          const float pv = p(r, cc);
+          float factor = pv;
+          if constexpr (Traits::kSoftcap) {
+            float t = (__log2f(pv) + (cc == c ? lse.x : lse.y)) * (1.f / scale_log2);
+            t = fminf(fmaxf(t, -1.f), 1.f);
+            factor = pv * (1.f - t * t);
+          }
+          const float ds = factor * (dpt(r, cc) - dpsum[cc]);
+          dpt(r, cc) = !kSelect || pv != 0.f ? ds : 0.f;
+        }
       }
     }
+  };
+  if (keys_real) {
+    run(cute::false_type{});
+  } else {
+    run(cute::true_type{});
   }
 }
 
@@ -877,19 +905,22 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           fence_after_wait(tSrK, tSrS);
           bwd_stagger_release(warpgroup);
 
-          bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2);
+          bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
+                                    params.softcap_scale);
           if constexpr (Traits::kDvBeforeDs) {
             const auto dpsum = bwd_load_query_values(so.dpsum[stage], scores_coord);
             // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
             bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
             warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
             fence_after_wait(tSrV, tdPrdP);
-            bwd_ds(dpt, scores, dpsum, keys_real);
+            bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
+                           params.scale_log2);
           } else {
             warpgroup_wait<0>();  // dP^T landed
             fence_after_wait(tSrV, tdPrdP);
             // Loaded only now: 32 more live registers before the wait spilled.
-            bwd_ds(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord), keys_real);
+            bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
+                           keys_real, so.lse[stage], scores_coord, params.scale_log2);
           }
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));

@@ -21,10 +21,10 @@ struct BwdKernels {
   driver::Kernel postprocess;
 };
 
-template <int kHeadDim, class Element, bool kWindow>
+template <int kHeadDim, class Element, bool kWindow, bool kSoftcap>
 void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream,
                 const BwdKernels& kernels) {
-  using Traits = BwdTraits<kHeadDim, Element, kWindow>;
+  using Traits = BwdTraits<kHeadDim, Element, kWindow, kSoftcap>;
   const VarlenProblem& p = bp.p;
   // Threads of the pre/postprocess: D/8 per kPreGroups (accumulator row, head) groups and per
   // (q row, head).
@@ -74,7 +74,11 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
                            typename Traits::SmemLayoutK{},
                            Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
   kp.tile_counter = &static_cast<ScheduleCounts*>(ws.schedule)->tile_counter;
-  kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
+  // Softcap: P = exp2(c tanh(s / c) log2 e - LSE log2 e), tanh's argument scaled in the
+  // kernel; dQ and dK keep their softmax_scale (the cap's derivative is in dS).
+  const bool softcap = Traits::kSoftcap && p.softcap > 0.f;
+  kp.scale_log2 = (softcap ? p.softcap : p.softmax_scale) * static_cast<float>(M_LOG2E);
+  kp.softcap_scale = softcap ? p.softmax_scale / p.softcap : 0.f;
 
   // Programmatic dependent launches (bwd-notes v18): the main kernel after the
   // preprocess, the postprocess after whichever ran last; each waits (griddepcontrol.wait)
@@ -98,13 +102,14 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
 
 // One backward instantiation: head dim D, element token T (bf16 / fp16); its file is
 // instantiations/bwd_dD_T.cu. PREFIXLM_BWD_WINDOW_INSTANCE adds the sliding-window main
-// kernel (name suffix _w) to that file; it shares the preprocess and postprocess.
+// kernel (name suffix _w) to that file, PREFIXLM_BWD_SOFTCAP_INSTANCE the softcap one (with
+// the window too; _wc); they share the preprocess and postprocess.
 #ifdef PREFIXLM_DEVICE_PASS
-#define PREFIXLM_BWD_MAIN_KERNEL(D, T, W, SUFFIX)                                           \
+#define PREFIXLM_BWD_MAIN_KERNEL(D, T, W, C, SUFFIX)                                        \
   extern "C" __global__ void __launch_bounds__(                                             \
-      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W>::kThreads, 1)                          \
+      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W, C>::kThreads, 1)                       \
       prefixlm_bwd_d##D##_##T##SUFFIX(const __grid_constant__ prefixlm::BwdKernelParams<    \
-                                      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W>>      \
+                                      prefixlm::BwdTraits<D, PREFIXLM_ELEMENT_##T, W, C>>   \
                                           params) {                                         \
     prefixlm::bwd_kernel_body(params);                                                      \
   }
@@ -115,28 +120,30 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
                                   const prefixlm::ScheduleCapacity capacity) {              \
     prefixlm::bwd_preprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws, capacity);              \
   }                                                                                         \
-  PREFIXLM_BWD_MAIN_KERNEL(D, T, false, )                                                   \
+  PREFIXLM_BWD_MAIN_KERNEL(D, T, false, false, )                                            \
   extern "C" __global__ void __launch_bounds__(prefixlm::kPrePostThreads)                   \
       prefixlm_bwd_post_d##D##_##T(const prefixlm::BwdParams bp,                            \
                                    const prefixlm::BwdWorkspace ws) {                       \
     prefixlm::bwd_postprocess_body<D, PREFIXLM_ELEMENT_##T>(bp, ws);                       \
   }
-#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_MAIN_KERNEL(D, T, true, _w)
+#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_MAIN_KERNEL(D, T, true, false, _w)
+#define PREFIXLM_BWD_SOFTCAP_INSTANCE(D, T) PREFIXLM_BWD_MAIN_KERNEL(D, T, true, true, _wc)
 #else
-#define PREFIXLM_BWD_LAUNCHER(D, T, W, SUFFIX)                                              \
+#define PREFIXLM_BWD_LAUNCHER(D, T, W, C, SUFFIX)                                           \
   extern "C" const unsigned char prefixlm_cubin_bwd_d##D##_##T[];                          \
   namespace prefixlm {                                                                      \
   template <>                                                                               \
-  void run_bwd_instance<D, PREFIXLM_ELEMENT_##T, W>(const BwdParams& bp,                    \
-                                                    const BwdWorkspace& ws,                 \
-                                                    cudaStream_t stream) {                  \
-    launch_bwd<D, PREFIXLM_ELEMENT_##T, W>(                                                 \
+  void run_bwd_instance<D, PREFIXLM_ELEMENT_##T, W, C>(const BwdParams& bp,                 \
+                                                       const BwdWorkspace& ws,              \
+                                                       cudaStream_t stream) {               \
+    launch_bwd<D, PREFIXLM_ELEMENT_##T, W, C>(                                              \
         bp, ws, stream,                                                                     \
         {{prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_pre_d" #D "_" #T},                   \
          {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_d" #D "_" #T #SUFFIX},               \
          {prefixlm_cubin_bwd_d##D##_##T, "prefixlm_bwd_post_d" #D "_" #T}});                \
   }                                                                                         \
   }
-#define PREFIXLM_BWD_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, false, )
-#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, true, _w)
+#define PREFIXLM_BWD_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, false, false, )
+#define PREFIXLM_BWD_WINDOW_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, true, false, _w)
+#define PREFIXLM_BWD_SOFTCAP_INSTANCE(D, T) PREFIXLM_BWD_LAUNCHER(D, T, true, true, _wc)
 #endif

@@ -17,7 +17,8 @@ int64_t fwd_workspace_bytes(const VarlenProblem& p);
 void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream);
 
 // Per-instantiation launchers, defined in instantiations/.
-template <int kHeadDim, class Element, int kBlockM, int kBlockN, bool kWindow = false>
+template <int kHeadDim, class Element, int kBlockM, int kBlockN, bool kWindow = false,
+          bool kSoftcap = false>
 void run_fwd_instance(const FwdParams& params, void* workspace, cudaStream_t stream);
 
 }  // namespace prefixlm

@@ -17,7 +17,19 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
   const VarlenProblem& p = params.p;
   if (p.total_q == 0) return;  // nothing to write
   const int block_rows = fwd_block_rows(p);
-  if (p.windowed()) {  // its own kernels (FwdTraits::kWindow), 128 x 128 tiles
+  // A softcap has its own kernels (which also take a window), so has the window alone
+  // (FwdTraits::kSoftcap / kWindow); both use 128 x 128 tiles (fwd_schedule.h).
+  if (p.softcap > 0.f) {
+    switch (p.head_dim) {
+      case 64:
+        return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 128, 128, true, true>(params, workspace, stream)
+                      : run_fwd_instance<64, cutlass::half_t, 128, 128, true, true>(params, workspace, stream);
+      case 128:
+        return p.bf16 ? run_fwd_instance<128, cutlass::bfloat16_t, 128, 128, true, true>(params, workspace, stream)
+                      : run_fwd_instance<128, cutlass::half_t, 128, 128, true, true>(params, workspace, stream);
+    }
+  }
+  if (p.windowed()) {
     switch (p.head_dim) {
       case 64:
         return p.bf16 ? run_fwd_instance<64, cutlass::bfloat16_t, 128, 128, true>(params, workspace, stream)

@@ -36,10 +36,14 @@ namespace prefixlm {
 using namespace cute;
 
 // kWindow_: built for a sliding window (the sizes are runtime values; without it they are
-// constant -1 and the window's terms fold away, mask.h / record_mask).
-template <int kHeadDim_, class Element_, int kBlockM_, int kBlockN_, bool kWindow_ = false>
+// constant -1 and the window's terms fold away, mask.h / record_mask). kSoftcap_: built for
+// a softcap (always applied; such kernels also take a window).
+template <int kHeadDim_, class Element_, int kBlockM_, int kBlockN_, bool kWindow_ = false,
+          bool kSoftcap_ = false>
 struct FwdTraits {
   static constexpr bool kWindow = kWindow_;
+  static constexpr bool kSoftcap = kSoftcap_;
+  static_assert(kWindow || !kSoftcap, "softcap kernels also take the window");
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   // One consumer warpgroup per 64 query rows: 128 or 192 (fwd_schedule.h picks). At D=64 the
@@ -125,7 +129,8 @@ struct FwdKernelParams {
   typename Traits::TmaKV tma_v;
   const void* schedule;  // workspace written by build_schedule
   int* tile_counter;     // its ScheduleCounts::tile_counter
-  float scale_log2;
+  float scale_log2;      // log2(e) times softmax_scale, or the softcap (kSoftcap)
+  float softcap_scale;   // kSoftcap: softmax_scale / softcap
 };
 
 // Named barriers (user ids; CUTLASS offsets them past its reserved ones): 0 .. N-1 for the
@@ -399,6 +404,11 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       // factor O must take once the pending P V product has landed.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
         const int n0 = n * kBlockN;
+        if constexpr (Traits::kSoftcap) {
+          // The capped score c tanh(s / c): tanh here, c in scale_log2 and the LSE.
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * params.softcap_scale);
+        }
         if (!mask.block_fully_allowed(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
           CUTLASS_PRAGMA_UNROLL
           for (int r = 0; r < kRows; ++r) {
@@ -493,7 +503,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
 
     // Stage 5: normalise and write O and the LSE.
     float inv_sum[kRows], lse[kRows];
-    softmax.finalize(inv_sum, lse, p.softmax_scale);
+    softmax.finalize(inv_sum, lse, Traits::kSoftcap ? p.softcap : p.softmax_scale);
     fwd_store_tile<Traits>(params.fp, rec, head, acc_o, acc_o_coord, inv_sum, lse);
     Traits::Handoff::release(ss.handoff, k);
   }

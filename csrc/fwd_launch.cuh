@@ -51,7 +51,10 @@ void launch_fwd(const FwdParams& fp, void* workspace, cudaStream_t stream,
                            Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
   kp.schedule = workspace;
   kp.tile_counter = &static_cast<ScheduleCounts*>(workspace)->tile_counter;
-  kp.scale_log2 = p.softmax_scale * static_cast<float>(M_LOG2E);
+  // Softcap: exp2((c tanh(s / c) - max) log2 e) with tanh's argument scaled in the kernel.
+  const bool softcap = Traits::kSoftcap && p.softcap > 0.f;
+  kp.scale_log2 = (softcap ? p.softcap : p.softmax_scale) * static_cast<float>(M_LOG2E);
+  kp.softcap_scale = softcap ? p.softmax_scale / p.softcap : 0.f;
 
   // Programmatic dependent launch: the kernel may start while the schedule kernel runs; it
   // waits for it (griddepcontrol.wait) before it reads the schedule. Saves the launch gap and
@@ -66,32 +69,32 @@ void launch_fwd(const FwdParams& fp, void* workspace, cudaStream_t stream,
 // One forward tile configuration: head dim D, element token T (bf16 / fp16), M x N tiles;
 // its file is instantiations/fwd_dD_mM_nN_T.cu.
 // PREFIXLM_FWD_WINDOW_INSTANCE adds the sliding-window kernel of a configuration to its
-// file (kernel name suffix _w).
+// file (kernel name suffix _w), PREFIXLM_FWD_SOFTCAP_INSTANCE the softcap one (with the
+// window too; suffix _wc).
 #ifdef PREFIXLM_DEVICE_PASS
-#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, SUFFIX)                                            \
+#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, C, SUFFIX)                                         \
   extern "C" __global__ void __launch_bounds__(                                               \
-      prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>::kThreads, 1)                      \
+      prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W, C>::kThreads, 1)                   \
       prefixlm_fwd_d##D##_m##M##_n##N##_##T##SUFFIX(                                          \
           const __grid_constant__ prefixlm::FwdKernelParams<                                  \
-              prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>> params) {               \
+              prefixlm::FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W, C>> params) {            \
     prefixlm::fwd_kernel_body(params);                                                        \
   }
-#define PREFIXLM_FWD_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, false, )
-#define PREFIXLM_FWD_WINDOW_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, _w)
 #else
-#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, SUFFIX)                                            \
+#define PREFIXLM_FWD_KERNEL(D, T, M, N, W, C, SUFFIX)                                         \
   extern "C" const unsigned char prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T[];              \
   namespace prefixlm {                                                                        \
   template <>                                                                                 \
-  void run_fwd_instance<D, PREFIXLM_ELEMENT_##T, M, N, W>(const FwdParams& fp,               \
-                                                          void* workspace,                    \
-                                                          cudaStream_t stream) {              \
-    launch_fwd<FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W>>(                                  \
+  void run_fwd_instance<D, PREFIXLM_ELEMENT_##T, M, N, W, C>(const FwdParams& fp,            \
+                                                             void* workspace,                 \
+                                                             cudaStream_t stream) {           \
+    launch_fwd<FwdTraits<D, PREFIXLM_ELEMENT_##T, M, N, W, C>>(                               \
         fp, workspace, stream,                                                                \
         {prefixlm_cubin_fwd_d##D##_m##M##_n##N##_##T,                                         \
          "prefixlm_fwd_d" #D "_m" #M "_n" #N "_" #T #SUFFIX});                                \
   }                                                                                           \
   }
-#define PREFIXLM_FWD_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, false, )
-#define PREFIXLM_FWD_WINDOW_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, _w)
 #endif
+#define PREFIXLM_FWD_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, false, false, )
+#define PREFIXLM_FWD_WINDOW_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, false, _w)
+#define PREFIXLM_FWD_SOFTCAP_INSTANCE(D, T, M, N) PREFIXLM_FWD_KERNEL(D, T, M, N, true, true, _wc)

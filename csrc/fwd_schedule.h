@@ -10,7 +10,7 @@ namespace prefixlm {
 // ones (a 512-token sequence: 9 x 192 against 10 x 128 row-blocks); the average slot length
 // is the host-known measure of "short". D=128 uses 128.
 inline int fwd_block_rows(const VarlenProblem& p) {
-  if (p.head_dim > 64 || p.windowed()) return 128;
+  if (p.head_dim > 64 || p.extended()) return 128;
   const bool short_causal = p.causal && p.total_q <= 1024LL * p.batch;
   return short_causal ? 128 : 192;
 }
@@ -19,7 +19,7 @@ inline int fwd_block_rows(const VarlenProblem& p) {
 // holds at least 4096 rows (measured: causal 8k +3.5%, full 8k equal), 128 otherwise (176
 // cost short tiles 5-10%: one Q buffer, larger partial blocks).
 inline int fwd_block_cols(const VarlenProblem& p) {
-  return p.head_dim == 128 && !p.windowed() && p.total_q >= 4096LL * p.batch ? 176 : 128;
+  return p.head_dim == 128 && !p.extended() && p.total_q >= 4096LL * p.batch ? 176 : 128;
 }
 
 // Query blocks of fwd_block_rows rows; causal tiles heaviest-first; padding rows of q / out /

@@ -25,7 +25,10 @@ struct VarlenProblem {
   bool causal;
   int window_left;   // sliding window (mask.h); -1: unbounded
   int window_right;
+  float softcap;     // scores capped to softcap * tanh(s / softcap); 0: off
   __host__ __device__ bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  // The kernels of the window / softcap instantiations: 128 x 128 forward tiles.
+  __host__ __device__ bool extended() const { return windowed() || softcap > 0.f; }
   bool bf16;  // element type of q, k, v, out: bfloat16, else float16
 
   float softmax_scale;

@@ -10,6 +10,13 @@ namespace prefixlm {
 
 using namespace cute;
 
+// tanh on the MUFU unit (max relative error ~2^-11): the softcap's c tanh(s / c).
+__device__ inline float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // The 4 threads of a quad hold one row between them.
 __device__ inline float quad_allreduce_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));

@@ -63,7 +63,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_size = (left, right) (FlashAttention-3's convention, -1 = unbounded) further
     restricts query i to keys i + (Lk - Lq) - left <= j <= i + (Lk - Lq) + right, over any of
     the masks above (with PrefixLM it windows the prefix too). softcap = c > 0 caps the
-    scaled scores to c * tanh(s / c) (CPU reference only for now; the CUDA kernels raise).
+    scaled scores to c * tanh(s / c) before the mask (Gemma 2); the LSE is of the capped
+    scores.
 
     softmax_scale defaults to 1/sqrt(D). deterministic makes the backward bit-reproducible.
     validate=True (or PREFIXLM_FA3_VALIDATE=1) checks the metadata on the device first,

@@ -44,11 +44,7 @@ def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
 
-def _require_cuda_kernel(op_name: str, softcap: float = 0.0) -> None:
-    if softcap != 0.0:
-        raise NotImplementedError(
-            "prefixlm_fa3: softcap is not implemented in the CUDA kernels yet (the CPU "
-            "reference has it); pass softcap=0.0")
+def _require_cuda_kernel(op_name: str) -> None:
     if cuda_kernels_available(op_name):
         return
     reason = load_error()
@@ -115,13 +111,13 @@ def _varlen_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, 
     _check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens,
                max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
                softcap)
-    _require_cuda_kernel("fwd", softcap)
+    _require_cuda_kernel("fwd")
     out, lse = _like(q), _lse_buffer(q)
     # zero_padding=True: padding and tail rows of out / lse are written (0 / -inf) inside the
     # kernel; only the benchmark turns it off, to measure its cost.
     _launch(q, lambda stream: torch.ops.prefixlm_C.fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, out, lse,
-        softmax_scale, causal, window_left, window_right, True, stream))
+        softmax_scale, causal, window_left, window_right, softcap, True, stream))
     return out, lse
 
 
@@ -173,11 +169,11 @@ def _varlen_bwd_cuda(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k
     _check_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                seqused_k, prefix_lens, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                window_left, window_right, softcap)
-    _require_cuda_kernel("bwd", softcap)
+    _require_cuda_kernel("bwd")
     dq, dk, dv = _like(q), _like(k), _like(v)
     _launch(q, lambda stream: torch.ops.prefixlm_C.bwd(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-        prefix_lens, dq, dk, dv, softmax_scale, causal, window_left, window_right,
+        prefix_lens, dq, dk, dv, softmax_scale, causal, window_left, window_right, softcap,
         deterministic, True, stream))
     return dq, dk, dv
 

@@ -35,6 +35,7 @@ class PackedBatch:
     max_seqlen_k: int
     causal: bool
     window_size: tuple = (-1, -1)  # sliding window (left, right), -1 unbounded
+    softcap: float = 0.0
 
     @property
     def meta(self) -> tuple:
@@ -46,9 +47,14 @@ class PackedBatch:
         """Every varlen_fwd argument after q, k, v."""
         return (*self.meta, self.max_seqlen_q, self.max_seqlen_k, scale, self.causal)
 
-    def window_kwargs(self) -> dict:
-        """The ops' window keyword arguments."""
-        return dict(window_left=self.window_size[0], window_right=self.window_size[1])
+    def mask_kwargs(self) -> dict:
+        """The ops' window and softcap keyword arguments."""
+        return dict(window_left=self.window_size[0], window_right=self.window_size[1],
+                    softcap=self.softcap)
+
+    def reference_kwargs(self) -> dict:
+        """The same for reference_fwd / reference_bwd."""
+        return dict(window_size=self.window_size, softcap=self.softcap)
 
     def real_masks(self):
         """Boolean (total_q,), (total_k,) masks of the real rows (the clamped metadata)."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
 padded PrefixLM batches at D=64 and D=128, GQA and Lq != Lk included, the same with a sliding
-window (the window kernels), plus a batch whose cu_seqlens decrease. Run it under each tool, e.g.
+window (the window kernels) or a softcap, plus a batch whose cu_seqlens decrease. Run it under each tool, e.g.
 
     compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
     compute-sanitizer --tool synccheck python3 tools/sanitize_workload.py
@@ -25,9 +25,9 @@ import prefixlm_fa3  # noqa: E402,F401  (registers the ops)
 def run(b, deterministic):
     scale = b.q.shape[-1] ** -0.5
     out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(scale),
-                                             **b.window_kwargs())
+                                             **b.mask_kwargs())
     grads = torch.ops.prefixlm.varlen_bwd(torch.randn_like(b.q), b.q, b.k, b.v, out, lse,
-                                          *b.op_args(scale), deterministic, **b.window_kwargs())
+                                          *b.op_args(scale), deterministic, **b.mask_kwargs())
     torch.cuda.synchronize()
     return out, grads
 
@@ -43,6 +43,7 @@ def main():
     for b in list(batches):
         for window in ((37, 0), (-1, 70)):  # split blocks on the left / the right
             batches.append(dataclasses.replace(b, window_size=window))
+        batches.append(dataclasses.replace(b, softcap=3.0))  # the softcap kernels
     for b in batches:
         for det in (False, True):
             run(b, det)

@@ -27,15 +27,15 @@ def bwd(b, dout, out, lse, q=None, k=None, v=None, deterministic=False):
     return torch.ops.prefixlm.varlen_bwd(dout, b.q if q is None else q, b.k if k is None else k,
                                          b.v if v is None else v, out, lse,
                                          *b.op_args(b.q.shape[-1] ** -0.5), deterministic,
-                                         **b.window_kwargs())
+                                         **b.mask_kwargs())
 
 
 def check_grads(b, dout, grads, max_chunk_elems=1 << 26):
     """Reference on upcast inputs (float32 result) vs the same in the input precision."""
     ref = reference_bwd(dout.float(), b.q.float(), b.k.float(), b.v.float(), *b.meta, None,
-                        b.causal, window_size=b.window_size, max_chunk_elems=max_chunk_elems)
+                        b.causal, **b.reference_kwargs(), max_chunk_elems=max_chunk_elems)
     lowp = reference_bwd(dout, b.q, b.k, b.v, *b.meta, None, b.causal,
-                         window_size=b.window_size, compute_dtype=b.q.dtype,
+                         **b.reference_kwargs(), compute_dtype=b.q.dtype,
                          max_chunk_elems=max_chunk_elems)
     for name, got, want, lp in zip(("dq", "dk", "dv"), grads, ref, lowp):
         assert got.shape == want.shape and got.dtype == b.q.dtype, name
@@ -51,7 +51,7 @@ def check_zero_padding(b, grads):
 def check_backward(b):
     real_q, real_k = b.real_masks()
     out, lse = torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(b.q.shape[-1] ** -0.5),
-                                             **b.window_kwargs())
+                                             **b.mask_kwargs())
     dout = torch.randn_like(b.q)
     fill_cuda_allocator_with_nan()
     grads = bwd(b, dout, out, lse)
@@ -100,6 +100,17 @@ def test_backward_sliding_window(mode, window, head_dim, dtype):
     b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
                     head_dim=head_dim, dtype=dtype, device=DEVICE)
     b.window_size = window
+    check_backward(b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [(-1, -1), (200, 129)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16)])
+def test_backward_softcap(mode, window, head_dim, dtype):
+    seed = MODES.index(mode) * 1000 + head_dim + 7
+    b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
+                    device=DEVICE)
+    b.window_size, b.softcap = window, 2.0
     check_backward(b)
 
 

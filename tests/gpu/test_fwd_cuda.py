@@ -26,16 +26,16 @@ MODES = ("full", "causal", "prefixlm")
 def fwd(b, q=None, k=None, v=None):
     return torch.ops.prefixlm.varlen_fwd(b.q if q is None else q, b.k if k is None else k,
                                          b.v if v is None else v,
-                                         *b.op_args(b.q.shape[-1] ** -0.5), **b.window_kwargs())
+                                         *b.op_args(b.q.shape[-1] ** -0.5), **b.mask_kwargs())
 
 
 def check_against_reference(b, out, lse, max_chunk_elems=1 << 26):
     """Reference on upcast inputs (float32 result) vs the same in the input precision."""
     ref_out, ref_lse = reference_fwd(b.q.float(), b.k.float(), b.v.float(), *b.meta, None,
-                                     b.causal, window_size=b.window_size,
+                                     b.causal, **b.reference_kwargs(),
                                      max_chunk_elems=max_chunk_elems)
     lp_out, lp_lse = reference_fwd(b.q, b.k, b.v, *b.meta, None, b.causal,
-                                   window_size=b.window_size, compute_dtype=b.q.dtype,
+                                   **b.reference_kwargs(), compute_dtype=b.q.dtype,
                                    max_chunk_elems=max_chunk_elems)
     assert_precision("out", out, ref_out, lp_out)
     assert_precision("lse", lse, ref_lse, lp_lse, dtype=b.q.dtype)
@@ -85,6 +85,17 @@ def test_forward_sliding_window(mode, window, head_dim, dtype):
     b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
                     head_dim=head_dim, dtype=dtype, device=DEVICE)
     b.window_size = window
+    check_forward(b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [(-1, -1), (200, 129)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+def test_forward_softcap(mode, window, head_dim, dtype):
+    seed = MODES.index(mode) * 1000 + head_dim + 7
+    b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
+                    device=DEVICE)
+    b.window_size, b.softcap = window, 2.0
     check_forward(b)
 
 
