@@ -38,38 +38,35 @@ int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* w
   return offset;
 }
 
+namespace {
+// The instantiation of q's element type.
+template <int D, bool kWindow, bool kSoftcap>
+void run_typed(const BwdParams& params, const BwdWorkspace& ws, cudaStream_t stream) {
+  return params.p.bf16
+             ? run_bwd_instance<D, cutlass::bfloat16_t, kWindow, kSoftcap>(params, ws, stream)
+             : run_bwd_instance<D, cutlass::half_t, kWindow, kSoftcap>(params, ws, stream);
+}
+
+// A softcap has its own main kernels (which also take a window), so has the window alone
+// (BwdTraits::kSoftcap / kWindow).
+template <int D>
+void run_head_dim(const BwdParams& params, const BwdWorkspace& ws, cudaStream_t stream) {
+  if (params.p.softcap > 0.f) return run_typed<D, true, true>(params, ws, stream);
+  if (params.p.windowed()) return run_typed<D, true, false>(params, ws, stream);
+  return run_typed<D, false, false>(params, ws, stream);
+}
+}  // namespace
+
 void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
   const VarlenProblem& p = params.p;
   if (p.total_q == 0 && p.total_k == 0) return;  // nothing to write
   BwdWorkspace ws;
   bwd_workspace_layout(p, workspace, &ws);
-  // A softcap has its own main kernels (which also take a window), so has the window alone
-  // (BwdTraits::kSoftcap / kWindow).
-  const bool c = p.softcap > 0.f;
-  const bool w = p.windowed();
   switch (p.head_dim) {
     case 64:
-      if (c) {
-        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true, true>(params, ws, stream)
-                      : run_bwd_instance<64, cutlass::half_t, true, true>(params, ws, stream);
-      }
-      if (w) {
-        return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, true, false>(params, ws, stream)
-                      : run_bwd_instance<64, cutlass::half_t, true, false>(params, ws, stream);
-      }
-      return p.bf16 ? run_bwd_instance<64, cutlass::bfloat16_t, false, false>(params, ws, stream)
-                    : run_bwd_instance<64, cutlass::half_t, false, false>(params, ws, stream);
+      return run_head_dim<64>(params, ws, stream);
     case 128:
-      if (c) {
-        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true, true>(params, ws, stream)
-                      : run_bwd_instance<128, cutlass::half_t, true, true>(params, ws, stream);
-      }
-      if (w) {
-        return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, true, false>(params, ws, stream)
-                      : run_bwd_instance<128, cutlass::half_t, true, false>(params, ws, stream);
-      }
-      return p.bf16 ? run_bwd_instance<128, cutlass::bfloat16_t, false, false>(params, ws, stream)
-                    : run_bwd_instance<128, cutlass::half_t, false, false>(params, ws, stream);
+      return run_head_dim<128>(params, ws, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no backward kernel for head_dim=" +
                                   std::to_string(p.head_dim) + " (supported: 64, 128)");

@@ -217,11 +217,9 @@ def varlen_bwd(*args):
 
 def save_for_backward(ctx, inputs, output) -> None:
     """Keep what varlen_bwd needs; shared by the op's autograd and the public function's.
-    inputs: varlen_fwd's arguments, the last three (window_left, window_right, softcap)
-    optional."""
+    inputs: all of varlen_fwd's arguments (torch.library fills in the defaults)."""
     (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, prefix_lens, max_seqlen_q,
-     max_seqlen_k, softmax_scale, causal) = inputs[:12]
-    window_left, window_right, softcap = (tuple(inputs[12:]) + (-1, -1, 0.0)[len(inputs) - 12:])
+     max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                           prefix_lens)

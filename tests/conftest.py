@@ -64,7 +64,8 @@ class PackedBatch:
 
 def packed_batch(lens_q, lens_k=None, *, pad_q=None, pad_k=None, tail_q=0, tail_k=None,
                  prefix=None, causal=False, heads=2, heads_k=None, head_dim=64,
-                 dtype=torch.bfloat16, device="cpu", seed=0, use_seqused=None) -> PackedBatch:
+                 dtype=torch.bfloat16, device="cpu", seed=0, use_seqused=None,
+                 window_size=(-1, -1), softcap=0.0) -> PackedBatch:
     """A packed batch: sequence b has lens_q[b] real query rows followed by pad_q[b] padding
     rows (its slot), likewise for keys; tail rows follow the last slot.
 
@@ -103,7 +104,7 @@ def packed_batch(lens_q, lens_k=None, *, pad_q=None, pad_k=None, tail_q=0, tail_
         seqused_k=ints(lens_k) if use_seqused else None,
         prefix_lens=ints(prefix) if prefix is not None else None,
         max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0),
-        causal=causal or prefix is not None)
+        causal=causal or prefix is not None, window_size=window_size, softcap=softcap)
 
 
 def random_packed_batch(seed: int, *, lengths=(0, 1, 5, 17, 113, 239), num_seqs=6, cross=False,

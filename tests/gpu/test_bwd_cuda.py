@@ -98,8 +98,7 @@ WINDOWS = [(0, 0), (127, 0), (200, 129), (-1, 64), (300, -1), (5000, 5000)]
 def test_backward_sliding_window(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + WINDOWS.index(window)
     b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
-                    head_dim=head_dim, dtype=dtype, device=DEVICE)
-    b.window_size = window
+                    head_dim=head_dim, dtype=dtype, device=DEVICE, window_size=window)
     check_backward(b)
 
 
@@ -109,8 +108,7 @@ def test_backward_sliding_window(mode, window, head_dim, dtype):
 def test_backward_softcap(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + 7
     b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
-                    device=DEVICE)
-    b.window_size, b.softcap = window, 2.0
+                    device=DEVICE, window_size=window, softcap=2.0)
     check_backward(b)
 
 

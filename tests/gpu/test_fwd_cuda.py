@@ -83,8 +83,7 @@ WINDOWS = [(0, 0), (5, 0), (127, 0), (128, 3), (200, 129), (-1, 64), (300, -1), 
 def test_forward_sliding_window(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + WINDOWS.index(window)
     b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
-                    head_dim=head_dim, dtype=dtype, device=DEVICE)
-    b.window_size = window
+                    head_dim=head_dim, dtype=dtype, device=DEVICE, window_size=window)
     check_forward(b)
 
 
@@ -94,8 +93,7 @@ def test_forward_sliding_window(mode, window, head_dim, dtype):
 def test_forward_softcap(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + 7
     b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
-                    device=DEVICE)
-    b.window_size, b.softcap = window, 2.0
+                    device=DEVICE, window_size=window, softcap=2.0)
     check_forward(b)
 
 
