@@ -20,8 +20,9 @@ PREFIXLM_HEADS = 16  # SPEC: the HRM-Text-shaped PrefixLM batch runs H=16 at eve
 
 
 def dense_heads(head_dim: int) -> int:
-    """SPEC's reference protocol: H=16 at D=128, H=32 at D=64 (the same bytes per token)."""
-    return 32 if head_dim <= 64 else 16
+    """SPEC's reference protocol: H=16 at D=128, H=32 at D=64, and H=8 at D=256 (the same
+    bytes per token; PaliGemma's heads)."""
+    return 32 if head_dim <= 64 else 16 if head_dim <= 128 else 8
 
 
 def allowed_pairs(lq: int, lk: int, causal: bool, prefix: int | None = None,

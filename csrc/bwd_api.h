@@ -30,8 +30,11 @@ struct BwdParams {
 
 // Query rows per block of the backward's inner loop (BwdTraits::kBlockM): D = 64 takes 128,
 // so that a block's MMA work amortises its exponentials' fixed costs and its dQ reduction
-// over twice the pairs; D = 128 takes 64 (its accumulators fill the registers at 64).
+// over twice the pairs; D = 128 and 256 take 64 (their accumulators fill the registers at 64).
 __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+// Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64
+// per compute warpgroup; D = 256 takes 64, shared by both (BwdTraits::kSplitD).
+__host__ __device__ constexpr int bwd_block_n(int head_dim) { return head_dim > 128 ? 64 : 128; }
 // Alignment of a slot's accumulator rows: a multiple of every bwd_block_m.
 constexpr int kBwdAccumAlign = 128;
 // One dq_semaphore word per kBwdSemaphoreRows accumulator rows (the smallest query block),
@@ -44,17 +47,14 @@ constexpr int kBwdSemaphoreRows = 64;
 __host__ __device__ inline int64_t bwd_dq_word(int64_t entry, int block_m) {
   return entry / block_m;
 }
-// Key rows per tile of the backward (the schedule's block size).
-constexpr int kBwdBlockN = 128;
-
 // The backward's schedule: key blocks per sequence, padding rows of k (dK/dV) zeroed in
 // chunks of 64 rows. Padding rows of dq are zeroed by the postprocess, which writes every row.
 // Key block 0 first (under a causal mask the heaviest); deterministic mode goes last-first,
 // the order in which its dQ adds happen (bwd_kernel.cuh), so that no tile waits for a turn
 // of one that comes later in the list.
-__host__ __device__ inline ScheduleConfig bwd_schedule_config(bool deterministic) {
+__host__ __device__ inline ScheduleConfig bwd_schedule_config(int head_dim, bool deterministic) {
   ScheduleConfig c;
-  c.block_rows = kBwdBlockN;
+  c.block_rows = bwd_block_n(head_dim);
   c.key_blocks = true;
   c.reverse = deterministic;
   c.zero_rows = 64;

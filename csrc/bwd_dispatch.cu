@@ -12,7 +12,7 @@ int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 }  // namespace
 
 int64_t bwd_workspace_layout(const VarlenProblem& p, void* base, BwdWorkspace* ws) {
-  const ScheduleConfig c = bwd_schedule_config(false);  // capacity: the same either order
+  const ScheduleConfig c = bwd_schedule_config(p.head_dim, false);  // capacity: the same either order
   const int accum_rows = bwd_accum_rows(p);
   const int64_t rows_heads = static_cast<int64_t>(accum_rows) * p.num_heads;
   int64_t offset = 0;
@@ -67,9 +67,11 @@ void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
       return run_head_dim<64>(params, ws, stream);
     case 128:
       return run_head_dim<128>(params, ws, stream);
+    case 256:
+      return run_head_dim<256>(params, ws, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no backward kernel for head_dim=" +
-                                  std::to_string(p.head_dim) + " (supported: 64, 128)");
+                                  std::to_string(p.head_dim) + " (supported: 64, 128, 256)");
   }
 }
 

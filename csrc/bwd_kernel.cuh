@@ -64,8 +64,16 @@ struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
-  static constexpr int kBlockN = kBwdBlockN;              // key rows per tile
-  static constexpr int kStages = 2;                       // Q/dO stages
+  static constexpr int kBlockN = bwd_block_n(kHeadDim);  // key rows per tile
+  // D = 256: dK and dV of 64 keys take 256 registers per thread in a warpgroup that owns
+  // them. So both warpgroups work on all 64 keys of the tile: they split the queries in S^T
+  // and dP^T (64 keys x 32 queries each), and the head dim in dV, dK and dQ (64 x 128 of
+  // each). P^T and dS^T meet in shared memory, from where the dV and dK products read them.
+  static constexpr bool kSplitD = kHeadDim > 128;
+  static_assert(!kSplitD || (kBlockN == 64 && kBlockM == 64), "split-D tiles are 64 x 64");
+  // Q/dO stages. D = 256 has room for one: K, V, Q, dO (32 KB each), P, dS (8 KB each), dQ
+  // (64 KB).
+  static constexpr int kStages = kSplitD ? 1 : 2;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // D = 64 holds S^T and dP^T of 64 keys x 128 queries (64 registers each) beside dV and dK:
@@ -74,18 +82,27 @@ struct BwdTraits {
   // dV first and compute dS while it runs.
   static constexpr bool kDvBeforeDs = kBlockM == 64;
 
-  using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;  // warpgroups split the key rows
+  // Warpgroups split the key rows (M) of the products below, or with kSplitD their N.
+  using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;
+  using AtomLayoutN = Layout<Shape<_1, _2, _1>>;
+  using AtomLayout = conditional_t<kSplitD, AtomLayoutN, AtomLayoutKeys>;
   // S^T = K Q^T and dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
   using TileShapeSdP = Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>;
+  using AtomShapeSdP = Shape<_64, Int<kSplitD ? kBlockM / 2 : kBlockM>, Int<kHeadDim>>;
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, TileShapeSdP>(), AtomLayoutKeys{}));
-  // dV += P^T dO and dK += dS^T Q: (keys, D, queries); A from registers, B = dO^T / Q^T
+      GMMA::ss_op_selector<Element, Element, float, AtomShapeSdP>(), AtomLayout{}));
+  // dV += P^T dO and dK += dS^T Q: (keys, D, queries); A from registers (kSplitD: from
+  // shared memory, keys x queries with the queries contiguous, i.e. K-major), B = dO^T / Q^T
   // read from the row-major (queries, D) tiles, i.e. MN-major.
   using TileShapedKV = Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>;
+  using AtomShapedKV = Shape<_64, Int<kSplitD ? kHeadDim / 2 : kHeadDim>, Int<kBlockM>>;
   using TiledMmadKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, TileShapedKV, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      AtomLayoutKeys{}));
+      conditional_t<kSplitD,
+                    decltype(GMMA::ss_op_selector<Element, Element, float, AtomShapedKV,
+                                                  GMMA::Major::K, GMMA::Major::MN>()),
+                    decltype(GMMA::rs_op_selector<Element, Element, float, AtomShapedKV,
+                                                  GMMA::Major::K, GMMA::Major::MN>())>{},
+      AtomLayout{}));
   // dQ = dS K: (queries, D, keys) over all the tile's keys, so the warpgroups meet once per
   // block (both halves of dS in smem) and never add partial sums. A = dS stored
   // queries-contiguous (MN-major), B = K^T read from the row-major (keys, D) tile (MN-major).
@@ -103,22 +120,25 @@ struct BwdTraits {
   // permuted by chunk ^ (r % 8): the 8 rows an accumulator fragment store spans land on
   // different banks, and the block is one contiguous range, added to the accumulator (which
   // keeps this layout, see BwdWorkspace) by a single bulk reduction.
+  static constexpr int kDqSwizzleShift = kHeadDim == 64 ? 3 : kHeadDim == 128 ? 4 : 5;
   using SmemLayoutdQ = decltype(composition(
-      Swizzle<3, 3, kHeadDim == 64 ? 3 : 4>{},
+      Swizzle<3, 3, kDqSwizzleShift>{},
       Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kHeadDim>, _1>>{}));
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the dQ swizzle assumes rows of 2^(S+3) floats");
+  static_assert(kHeadDim == 8 << kDqSwizzleShift, "the dQ swizzle assumes rows of 2^(S+3) floats");
   static constexpr int kDqBlockBytes = kBlockM * kHeadDim * sizeof(float);
   // Two dQ buffers, so the compute warpgroups run a block ahead of the writer: its round
   // trip (a bulk reduction into a busy L2, then waiting for its reads) can take about a
   // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
-  static constexpr int kDqBuffers = 2;
+  // D = 256's 64 KB block leaves room for one.
+  static constexpr int kDqBuffers = kSplitD ? 1 : 2;
   // dS buffers. With one, a warpgroup waits (ds_free) until both have finished the previous
   // block's dQ product before it overwrites dS. With two, the meeting before each dQ product
   // already orders it: a warpgroup passes block m's meeting only after its dQ product of
   // block m - 1 completed, and the other overwrites that buffer only at block m + 1. D = 128
   // keeps one (two fit since v10: 2-3% slower there, within noise at v12); D = 64's 128-row
   // blocks have room for two.
+  // D = 256 (kSplitD) keeps one, and one of P^T.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
@@ -137,7 +157,7 @@ struct BwdTraits {
   using SmemLayoutKt = decltype(composition(
       SmemLayoutK{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));  // (D, N)
-  // dS: (M, N, kDsBuffers), queries contiguous.
+  // dS: (M, N, kDsBuffers), queries contiguous (kSplitD: P too).
   using SmemLayoutdS = decltype(tile_to_shape(
       GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsBuffers>>{}));
   using SmemLayoutdSt = decltype(composition(
@@ -167,6 +187,8 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
+    // kSplitD: P (SmemLayoutdS); a minimal placeholder otherwise.
+    alignas(1024) cute::array_aligned<Element, kSplitD ? cosize_v<SmemLayoutdS> : 8> p;
     alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // SmemLayoutdQ
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
@@ -264,12 +286,6 @@ template <class T>
 __device__ inline T* opaque_pointer(T* ptr) {
   asm volatile("" : "+l"(ptr));
   return ptr;
-}
-
-// The same value, opaque to the compiler (see opaque_pointer).
-__device__ inline int opaque_int(int v) {
-  asm volatile("" : "+r"(v));
-  return v;
 }
 
 __device__ inline uint32_t smem_address(const void* ptr) {
@@ -693,11 +709,15 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
                      head_k * bp.dv_stride.head;
   const float scale = bp.p.softmax_scale;
   const int lane = threadIdx.x % 32;
+  // The warpgroup's first column: 0, or D/2 where the warpgroups split the head dim
+  // (kSplitD); store_row_16b's columns count from there. A thread's first column is at most 6
+  // past it.
+  const int col0 = Traits::kSplitD ? get<1>(coord(0, 0)) & ~7 : 0;
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < size<0>(dk_acc); ++r) {
     const int row = get<0>(coord(r, 0));
-    Element* dk_row = dk_tile + row * bp.dk_stride.row;
-    Element* dv_row = dv_tile + row * bp.dv_stride.row;
+    Element* dk_row = dk_tile + row * bp.dk_stride.row + col0;
+    Element* dv_row = dv_tile + row * bp.dv_stride.row + col0;
     store_row_16b<kCols>(
         lane, [&](int c) { return pack_pair<Element>(dk_acc(r, c) * scale, dk_acc(r, c + 1) * scale); },
         [&](int col, uint4 chunk) {
@@ -896,74 +916,125 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             cutlass::arch::fence_view_async_shared();
             bwd_consumers_sync();
           }
-          // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
-          bwd_stagger_wait(warpgroup);
-          warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-          warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
-          const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
-          warpgroup_wait<1>();
-          fence_after_wait(tSrK, tSrS);
-          bwd_stagger_release(warpgroup);
-
-          bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
-                                    params.softcap_scale);
-          if constexpr (Traits::kDvBeforeDs) {
-            const auto dpsum = bwd_load_query_values(so.dpsum[stage], scores_coord);
-            // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
-            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
-            warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
-            fence_after_wait(tSrV, tdPrdP);
-            bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
-                           params.scale_log2);
-          } else {
+          if constexpr (Traits::kSplitD) {
+            // D = 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
+            // against the tile's 64 keys; P^T is computed as soon as S^T lands.
+            warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+            warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
+            warpgroup_wait<1>();
+            fence_after_wait(tSrK, tSrS);
+            bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
+                                      params.softcap_scale);
             warpgroup_wait<0>();  // dP^T landed
             fence_after_wait(tSrV, tdPrdP);
-            // Loaded only now: 32 more live registers before the wait spilled.
             bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
                            keys_real, so.lse[stage], scores_coord, params.scale_log2);
-          }
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
-          // Stage "dS hand-off": dS^T to shared memory for dQ = dS K.
-          if constexpr (Traits::kDsBuffers == 1) {
-            // The other warpgroup may still be multiplying the previous block's dS.
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+            // Stage "P, dS hand-off": both to shared memory, once both warpgroups' products of
+            // the previous block have read them; the meeting puts both halves there.
             wait_barrier(&ss.ds_free, ds_free_phase);
             ds_free_phase ^= 1;
-          }
-          copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
-          cutlass::arch::fence_view_async_shared();
-          if constexpr (!Traits::kDvBeforeDs) {
-            // Stage "dV" (see kDvBeforeDs), after the dS store: the other warpgroup, waiting at
-            // the meeting for this half of dS, is not kept waiting for it; it runs meanwhile.
-            bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
-          }
-          bwd_consumers_sync();  // both halves of dS are in smem
-          // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
-          // dK += dS^T Q (dS^T from registers) runs.
-          warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
-          warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
-          warpgroup_wait<1>();  // dV and dQ done; dK may still run
-          fence_after_wait(tPrP_a, tdVrdV);
-          warpgroup_fence_operand(tdQrdQ);
-          if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
-          if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
-
-          // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
-          // writer, once it has read the previous block out.
-          wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-          bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
-          cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
-          cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
-          if (++dq_buffer == Traits::kDqBuffers) {
-            dq_buffer = 0;
+            Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
+            copy(copy_ds, thr_copy_ds.retile_S(tPrP), thr_copy_ds.partition_D(oPt)(_, _, _, 0));
+            copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, 0));
+            cutlass::arch::fence_view_async_shared();
+            bwd_consumers_sync();
+            // Stage "dQ, dV, dK": this warpgroup's half of the head dim of each, all three
+            // read from shared memory; dQ first, so that it leaves registers for shared memory
+            // while dV and dK run.
+            Tensor tdVrPt = desc_dkv.partition_fragment_A(oPt);  // (MMA, MMA_M, MMA_K, 1)
+            Tensor tdKrdSt = desc_dkv.partition_fragment_A(odSt);
+            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
+            warpgroup_gemm_issue<false>(mma_dkv, tdVrPt(_, _, _, 0), tdVrdOt(_, _, _, stage), tdVrdV);
+            warpgroup_gemm_issue<false>(mma_dkv, tdKrdSt(_, _, _, 0), tdKrQt(_, _, _, stage), tdKrdK);
+            warpgroup_wait<2>();  // dQ done
+            warpgroup_fence_operand(tdQrdQ);
+            // Stage "dQ hand-off" (as below).
+            wait_barrier(&ss.dq_empty[0], dq_empty_phase);
+            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[0], thread);
+            cutlass::arch::fence_view_async_shared();
+            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[0]);
             dq_empty_phase ^= 1;
-          }
-          warpgroup_wait<0>();  // dK done: the stage's Q and dO are free
-          fence_after_wait(tdSrdS_a, tdKrdK);
-          cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
-          if (++stage == Traits::kStages) {
-            stage = 0;
+            warpgroup_wait<0>();  // dV and dK done: P, dS, Q and dO are free
+            warpgroup_fence_operand(tdVrdV);
+            warpgroup_fence_operand(tdKrdK);
+            cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
+            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[0]);
             full_phase ^= 1;
+          } else {
+            // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
+            bwd_stagger_wait(warpgroup);
+            warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+            warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
+            warpgroup_wait<1>();
+            fence_after_wait(tSrK, tSrS);
+            bwd_stagger_release(warpgroup);
+
+            bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
+                                      params.softcap_scale);
+            if constexpr (Traits::kDvBeforeDs) {
+              const auto dpsum = bwd_load_query_values(so.dpsum[stage], scores_coord);
+              // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
+              bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+              warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
+              fence_after_wait(tSrV, tdPrdP);
+              bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
+                             params.scale_log2);
+            } else {
+              warpgroup_wait<0>();  // dP^T landed
+              fence_after_wait(tSrV, tdPrdP);
+              // Loaded only now: 32 more live registers before the wait spilled.
+              bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
+                             keys_real, so.lse[stage], scores_coord, params.scale_log2);
+            }
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+            // Stage "dS hand-off": dS^T to shared memory for dQ = dS K.
+            if constexpr (Traits::kDsBuffers == 1) {
+              // The other warpgroup may still be multiplying the previous block's dS.
+              wait_barrier(&ss.ds_free, ds_free_phase);
+              ds_free_phase ^= 1;
+            }
+            copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, ds_buffer));
+            cutlass::arch::fence_view_async_shared();
+            if constexpr (!Traits::kDvBeforeDs) {
+              // Stage "dV" (see kDvBeforeDs), after the dS store: the other warpgroup, waiting at
+              // the meeting for this half of dS, is not kept waiting for it; it runs meanwhile.
+              bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+            }
+            bwd_consumers_sync();  // both halves of dS are in smem
+            // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
+            // dK += dS^T Q (dS^T from registers) runs.
+            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
+            warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+            warpgroup_wait<1>();  // dV and dQ done; dK may still run
+            fence_after_wait(tPrP_a, tdVrdV);
+            warpgroup_fence_operand(tdQrdQ);
+            if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
+            if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
+
+            // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
+            // writer, once it has read the previous block out.
+            wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
+            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
+            cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
+            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
+            if (++dq_buffer == Traits::kDqBuffers) {
+              dq_buffer = 0;
+              dq_empty_phase ^= 1;
+            }
+            warpgroup_wait<0>();  // dK done: the stage's Q and dO are free
+            fence_after_wait(tdSrdS_a, tdKrdK);
+            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+            if (++stage == Traits::kStages) {
+              stage = 0;
+              full_phase ^= 1;
+            }
           }
         }
       }

@@ -38,7 +38,7 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
       (static_cast<int64_t>(ws.accum_rows) * p.num_heads + kPreGroups - 1) / kPreGroups);
   const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads);
   const ScheduleCapacity capacity =
-      ScheduleCapacity::make(p, bwd_schedule_config(bp.deterministic));
+      ScheduleCapacity::make(p, bwd_schedule_config(kHeadDim, bp.deterministic));
   driver::launch(kernels.preprocess, {static_cast<unsigned>(pre_blocks + 1), kPrePostThreads},
                  stream, bp, ws, capacity);
 

@@ -73,7 +73,7 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
   // anything written here.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (blockIdx.x == 0) {
-    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(bp.deterministic),
+    build_schedule_block<kPrePostThreads>(p, bwd_schedule_config(kHeadDim, bp.deterministic),
                                           schedule_capacity, ws.schedule);
     return;
   }

@@ -52,13 +52,17 @@ struct FwdTraits {
   static constexpr int kBlockM = kBlockM_;
   static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim <= 64), "unsupported tile");
   // Key columns per block: 128, or 176 at D=128 for long sequences (fwd_schedule.h): a third
-  // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills.
+  // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills. D=256 takes
+  // 80: its O holds 128 registers, beside S 40 + P 20.
   static constexpr int kBlockN = kBlockN_;
-  static_assert(kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128), "unsupported tile");
+  static_assert(kHeadDim == 256 ? kBlockN == 80
+                                : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128),
+                "unsupported tile");
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
-  // 176-column K/V stages leave room for one (208 KB of shared memory).
-  static constexpr int kQBuffers = kBlockN > 128 ? 1 : 2;
+  // 176-column K/V stages leave room for one (208 KB of shared memory), so do D=256's (a Q
+  // tile of 64 KB and 80-key stages: 224 KB).
+  static constexpr int kQBuffers = kBlockN > 128 || kHeadDim > 128 ? 1 : 2;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   // setmaxnreg split of the 64K registers: the producer warpgroup keeps 24.
   static constexpr int kProducerRegisters = 24;
@@ -119,6 +123,7 @@ struct FwdTraits {
     float2 softmax_pin[kConsumerThreads];  // written, never read: see fwd_consumer
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 CTA can have");
 };
 
 template <class Traits>
@@ -274,12 +279,13 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
 // Zero-fills V rows [first_row, kBlockN) of one stage, shared out over every consumer thread in
 // 16-byte stores. Those rows hold keys past Lk (padding, possibly NaN, or the next slot) whose
 // probabilities are exactly 0, but 0 * NaN is NaN. The 128-byte swizzle permutes 16-byte chunks
-// within a row, so a chunk of 8 elements stays contiguous.
+// within a row, so a chunk of 8 elements stays contiguous. The thread index is opaque so that
+// its offsets are derived on this rarely taken path (at D=256, hoisted, they were spilled).
 template <class Traits, class TensorV>
 __device__ inline void zero_v_rows(TensorV& sV_stage, int first_row, int thread) {
   constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
   const int count = (Traits::kBlockN - first_row) * kChunks;
-  for (int i = thread; i < count; i += Traits::kConsumerThreads) {
+  for (int i = opaque_int(thread); i < count; i += Traits::kConsumerThreads) {
     const int row = first_row + i / kChunks;
     *reinterpret_cast<uint4*>(&sV_stage(row, (i % kChunks) * 8)) = make_uint4(0, 0, 0, 0);
   }

@@ -8,7 +8,7 @@ namespace prefixlm {
 // Query rows per tile, i.e. the kernel's kBlockM: 192 at D <= 64 (three consumer warpgroups),
 // except for short causal sequences, whose 192-row tiles cost up to 1.35x the work of 128-row
 // ones (a 512-token sequence: 9 x 192 against 10 x 128 row-blocks); the average slot length
-// is the host-known measure of "short". D=128 uses 128.
+// is the host-known measure of "short". D >= 128 uses 128.
 inline int fwd_block_rows(const VarlenProblem& p) {
   if (p.head_dim > 64 || p.extended()) return 128;
   const bool short_causal = p.causal && p.total_q <= 1024LL * p.batch;
@@ -18,7 +18,9 @@ inline int fwd_block_rows(const VarlenProblem& p) {
 // Key columns per block of the forward kernel (kBlockN): 176 at D=128 when the average slot
 // holds at least 4096 rows (measured: causal 8k +3.5%, full 8k equal), 128 otherwise (176
 // cost short tiles 5-10%: one Q buffer, larger partial blocks).
+// D=256 takes 80 (FwdTraits).
 inline int fwd_block_cols(const VarlenProblem& p) {
+  if (p.head_dim == 256) return 80;
   return p.head_dim == 128 && !p.extended() && p.total_q >= 4096LL * p.batch ? 176 : 128;
 }
 

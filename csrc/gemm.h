@@ -14,6 +14,14 @@ using namespace cute;
 // R2UR (two per HGMMA for a descriptor).
 __device__ inline int warp_uniform(int v) { return __shfl_sync(0xffffffff, v, 0); }
 
+// The same value, opaque to the compiler: values derived from it are recomputed where used
+// instead of being hoisted (e.g. a rarely taken path's thread offsets, kept live through a
+// main loop, get spilled).
+__device__ inline int opaque_int(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
 // A from registers (RS) needs fencing like C; an smem descriptor (SS) does not.
 template <class TA>
 constexpr bool kOperandInRegisters =
