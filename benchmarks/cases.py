@@ -16,6 +16,8 @@ KINDS = ("full", "causal")
 QUICK_SHAPES = (("full", 8192), ("causal", 8192), ("full", 2048), ("causal", 2048))
 # The sliding-window case of the main table (issue #12): causal 8k sequences, 1024 keys back.
 WINDOW_CASE = ("causal", 8192, (1024, 0))
+# The softcap case (issue #12): causal 8k sequences, Gemma 2's cap of 50.
+SOFTCAP_CASE = ("causal", 8192, 50.0)
 PREFIXLM_HEADS = 16  # SPEC: the HRM-Text-shaped PrefixLM batch runs H=16 at every D
 
 
@@ -66,6 +68,7 @@ class Batch:
     prefix: tuple[int, ...] | None = None
     tail: int = 0
     window: tuple[int, int] = (-1, -1)  # sliding window (left, right), -1 unbounded
+    softcap: float = 0.0  # scores capped to softcap * tanh(s / softcap); 0: off
 
     @property
     def windowed(self) -> bool:
@@ -89,9 +92,9 @@ class Batch:
 
     @property
     def dense(self) -> bool:
-        """Equal-length sequences without padding or window: (B, H, S, D) for SDPA."""
+        """Equal-length sequences without padding, window or softcap: (B, H, S, D) for SDPA."""
         return (not self.padded and len(set(self.slots)) == 1 and self.prefix is None
-                and not self.windowed)
+                and not self.windowed and not self.softcap)
 
     @property
     def max_len(self) -> int:
@@ -126,12 +129,16 @@ class Batch:
         return self.real_rows() & ~self.prefix_rows()
 
 
-def dense_batch(kind: str, seqlen: int, heads: int, window: tuple[int, int] = (-1, -1)) -> Batch:
+def dense_batch(kind: str, seqlen: int, heads: int, window: tuple[int, int] = (-1, -1),
+                softcap: float = 0.0) -> Batch:
     n = TOKENS // seqlen
     label = f"{kind} {seqlen_label(seqlen)}"
     if window != (-1, -1):
         label += f" window {window[0]},{window[1]}"
-    return Batch(kind, label, (seqlen,) * n, (seqlen,) * n, heads, window=window)
+    if softcap:
+        label += f" softcap {softcap:g}"
+    return Batch(kind, label, (seqlen,) * n, (seqlen,) * n, heads, window=window,
+                 softcap=softcap)
 
 
 def prefixlm_batch(seed: int = 0) -> Batch:
@@ -152,6 +159,19 @@ def prefixlm_batch(seed: int = 0) -> Batch:
     )
 
 
+def paligemma_batch(seed: int = 2) -> Batch:
+    """Shaped like a PaliGemma 2 training batch at D=256 (Gemma 2's local layers: H=8, window
+    4096 either side): 6 sequences of 1024..4800 tokens whose bidirectional prefix is 256
+    image tokens and a 16..256-token prompt, 1..64 padding rows after each, 512 tail rows."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1024, 4801, size=6)
+    prefix = 256 + rng.integers(16, 257, size=6)
+    pad = rng.integers(1, 65, size=6)
+    return Batch("prefixlm", "paligemma packed", tuple((lengths + pad).tolist()),
+                 tuple(lengths.tolist()), 8, tuple(prefix.tolist()), tail=512,
+                 window=(4096, 4096))
+
+
 def padded_full_batch(seed: int = 1) -> Batch:
     """8 slots of 2048 rows, each with 1..256 padding rows, and 512 tail rows (H=16)."""
     rng = np.random.default_rng(seed)
@@ -160,14 +180,17 @@ def padded_full_batch(seed: int = 1) -> Batch:
 
 
 def plan(dims: list[int], quick: bool) -> list[tuple[Batch, int]]:
-    """(batch, head_dim) of the main table, in order: per D the dense cases, the windowed one
-    (full runs), then PrefixLM."""
+    """(batch, head_dim) of the main table, in order: per D the dense cases, the windowed and
+    softcapped ones (full runs), PrefixLM, and at D=256 (full runs) the PaliGemma batch."""
     shapes = QUICK_SHAPES if quick else [(kind, n) for n in SEQLENS for kind in KINDS]
     windowed = [] if quick else [WINDOW_CASE]
+    capped = [] if quick else [SOFTCAP_CASE]
     return [(b, d) for d in dims
             for b in [*(dense_batch(k, n, dense_heads(d)) for k, n in shapes),
                       *(dense_batch(k, n, dense_heads(d), w) for k, n, w in windowed),
-                      prefixlm_batch()]]
+                      *(dense_batch(k, n, dense_heads(d), softcap=c) for k, n, c in capped),
+                      prefixlm_batch(),
+                      *([paligemma_batch()] if d == 256 and not quick else [])]]
 
 
 @dataclass

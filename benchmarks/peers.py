@@ -63,6 +63,7 @@ class Varlen:
     causal: bool
     prefix_lens: torch.Tensor | None = None
     window: tuple[int, int] = (-1, -1)  # (left, right), -1 unbounded
+    softcap: float = 0.0
 
 
 # varlen(q, k, v, metadata, softmax_scale) -> out
@@ -72,7 +73,7 @@ VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Varlen, float], t
 def case_varlen(batch: Batch, inp: Inputs) -> Varlen:
     """The case as one call: q and k share slots, seqused and prefixes."""
     return Varlen(inp.cu, inp.cu, inp.seqused, inp.seqused, batch.max_len, batch.max_len,
-                  batch.causal, inp.prefix, batch.window)
+                  batch.causal, inp.prefix, batch.window, batch.softcap)
 
 
 class FillGradRows(torch.autograd.Function):
@@ -114,10 +115,14 @@ def two_pass(batch: Batch, inp: Inputs, varlen: VarlenFn, keep_grad_rows: bool) 
     cu, used, prefix = batch.cu, batch.used, batch.prefix
     responses = [n - p for n, p in zip(used, prefix)]
     prefix_t = int32(prefix, dev)
-    first = Varlen(inp.cu, inp.cu, prefix_t, prefix_t, max(prefix), max(prefix), causal=False)
+    # A window or softcap applies to both passes: the response pass's keys start at the
+    # sequence's first, so its bottom-right diagonal is the sequence's own.
+    extra = {"window": batch.window, "softcap": batch.softcap}
+    first = Varlen(inp.cu, inp.cu, prefix_t, prefix_t, max(prefix), max(prefix), causal=False,
+                   **extra)
     second = Varlen(int32([0, *(c + p for c, p in zip(cu, prefix)), cu[-1]], dev),
                     int32([0, *cu], dev), int32([0, *responses], dev), int32([0, *used], dev),
-                    max(responses), batch.max_len, causal=True)
+                    max(responses), batch.max_len, causal=True, **extra)
     resp = torch.from_numpy(batch.response_rows()).to(dev)[:, None, None]
     outside_prefix = ~torch.from_numpy(batch.prefix_rows()).to(dev)[:, None, None]
     outside_resp = ~resp
@@ -168,7 +173,7 @@ class Ours(Peer):
         return prefixlm_fa3.flash_attn_varlen_func(
             q, k, v, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k,
             seqused_q=m.seqused_q, seqused_k=m.seqused_k, prefix_lens=m.prefix_lens,
-            softmax_scale=scale, causal=m.causal, window_size=m.window)
+            softmax_scale=scale, causal=m.causal, window_size=m.window, softcap=m.softcap)
 
     def build(self, batch, inp, with_bwd):
         meta = case_varlen(batch, inp)
@@ -216,13 +221,16 @@ class FA4(Peer):
         # qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
         # min_seqlen_k=None, seqused_q=None, seqused_k=None, ..., softmax_scale=None,
         # causal=False, ...) -> (out, lse). Keywords only: the fourth parameter is qv.
-        # A window is passed only when there is one (FA4 spells unbounded None, not -1).
-        window = {} if m.window == (-1, -1) else {
+        # A window and a softcap are passed only when there is one (FA4 spells an unbounded
+        # side None, not -1).
+        extra = {} if m.window == (-1, -1) else {
             "window_size": tuple(None if w < 0 else w for w in m.window)}
+        if m.softcap:
+            extra["softcap"] = m.softcap
         out, _ = _fa4_varlen_func()(
             q, k, v, cu_seqlens_q=m.cu_seqlens_q, cu_seqlens_k=m.cu_seqlens_k,
             max_seqlen_q=m.max_seqlen_q, max_seqlen_k=m.max_seqlen_k, seqused_q=m.seqused_q,
-            seqused_k=m.seqused_k, softmax_scale=scale, causal=m.causal, **window)
+            seqused_k=m.seqused_k, softmax_scale=scale, causal=m.causal, **extra)
         return out
 
     def build(self, batch, inp, with_bwd):
@@ -343,7 +351,7 @@ class Flex(Peer):
     key, title = "flex", "FlexAttention"
 
     def applies(self, batch):
-        return not batch.windowed  # packed_mask has no window term
+        return not batch.windowed and not batch.softcap  # packed_mask: no window, no score_mod
 
     def build(self, batch, inp, with_bwd):
         from torch.nn.attention.flex_attention import create_block_mask

@@ -81,6 +81,22 @@ def test_batches_keep_their_promises():
     assert len(windowed) == 1 and not windowed[0].dense and windowed[0].window == (1024, 0)
     assert windowed[0].pairs == 2 * cases.allowed_pairs(8192, 8192, True, None, (1024, 0))
     assert not peers.Flex().applies(windowed[0]) and not peers.Cudnn().applies(windowed[0])
+    capped = [b for b, _ in full_plan if b.softcap]
+    assert len(capped) == 1 and capped[0].softcap == 50.0 and capped[0].causal
+    assert not capped[0].dense and capped[0].pairs == 2 * cases.allowed_pairs(8192, 8192, True)
+    assert not peers.Flex().applies(capped[0]) and not peers.Cudnn().applies(capped[0])
+
+    # The PaliGemma-shaped batch: D=256 full runs only; H=8, window 4096 either side, a prefix
+    # of 256 image tokens and a prompt.
+    pg = cases.paligemma_batch()
+    assert pg.heads == 8 and pg.window == (4096, 4096) and pg.tail == 512 and pg.causal
+    for slot, n, prefix in zip(pg.slots, pg.used, pg.prefix):
+        assert 1024 <= n <= 4800 and 1 <= slot - n <= 64 and 256 + 16 <= prefix <= 256 + 256
+    assert pg.pairs == _reference_pairs(pg)
+    plan256 = cases.plan([256], quick=False)
+    assert [b.label for b, _ in plan256].count("paligemma packed") == 1
+    assert {b.heads for b, _ in plan256 if b.dense} == {8}
+    assert not any(b.label == "paligemma packed" for b, _ in full_plan + plan)
     assert {(d, b.heads) for b, d in plan if b.dense} == {(128, 16), (64, 32)}
     assert {b.heads for b, _ in plan if b.kind == "prefixlm"} == {16}
 
@@ -135,10 +151,10 @@ def test_best_peer_ratio_from_raw_timings():
     assert "Flex" not in step  # no training-step time: no column
 
 
-def _small_prefixlm(monkeypatch):
+def _small_prefixlm(monkeypatch, window=(-1, -1), softcap=0.0):
     monkeypatch.setattr(cases, "DEVICE", "cpu")
     batch = cases.Batch("prefixlm", "small prefixlm", slots=(40, 70, 9, 33), used=(37, 64, 9, 30),
-                        heads=2, prefix=(11, 1, 4, 29), tail=5)
+                        heads=2, prefix=(11, 1, 4, 29), tail=5, window=window, softcap=softcap)
     return batch, cases.make_inputs(batch, 64)
 
 
@@ -172,8 +188,12 @@ def _leaves_rows_unwritten(q, k, v, m: peers.Varlen, scale: float):
     return peers.Ours.varlen(q, k, v, m, scale).masked_fill(outside_q, float("nan"))
 
 
-def test_fa4_two_pass_recipe_is_exact_when_passes_leave_rows_unwritten(monkeypatch):
-    batch, inp = _small_prefixlm(monkeypatch)
+# The PaliGemma case runs the recipe with a window (both sides: it windows the prefix too) and
+# Gemma 2 with a softcap: both passes take them and still give the single pass.
+@pytest.mark.parametrize("window,softcap", [((-1, -1), 0.0), ((5, 7), 0.0), ((9, -1), 3.0)])
+def test_fa4_two_pass_recipe_is_exact_when_passes_leave_rows_unwritten(monkeypatch, window,
+                                                                        softcap):
+    batch, inp = _small_prefixlm(monkeypatch, window, softcap)
     real = inp.real
     single = peers.OURS.build(batch, inp, with_bwd=True)
     want_out, want_grads = single.fwd().detach(), single.fwd_bwd()
