@@ -30,10 +30,16 @@ struct BwdParams {
 
 // Query rows per block of the backward's inner loop (BwdTraits::kBlockM): D = 64 takes 128,
 // so that a block's MMA work amortises its exponentials' fixed costs and its dQ reduction
-// over twice the pairs; D = 128 and 256 take 64 (their accumulators fill the registers at 64).
+// over twice the pairs; D >= 128 takes 64 (the accumulators fill the registers at 64).
 __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+// The dQ accumulator's permutation (BwdWorkspace): the 8-float chunks of row r are stored at
+// chunk ^ (r % bwd_dq_swizzle_rows): 8 rows on distinct banks, or 4 at D = 192, where a
+// warpgroup's half of the head dim starts at column 96 (bwd_store_dq).
+__host__ __device__ constexpr int bwd_dq_swizzle_rows(int head_dim) {
+  return head_dim % 128 == 0 || head_dim == 64 ? 8 : 4;
+}
 // Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64
-// per compute warpgroup; D = 256 takes 64, shared by both (BwdTraits::kSplitD).
+// per compute warpgroup; D = 192 and 256 take 64, shared by both (BwdTraits::kSplitD).
 __host__ __device__ constexpr int bwd_block_n(int head_dim) { return head_dim > 128 ? 64 : 128; }
 // Alignment of a slot's accumulator rows: a multiple of every bwd_block_m.
 constexpr int kBwdAccumAlign = 128;
@@ -84,7 +90,7 @@ struct BwdWorkspace {
   void* schedule;
   // (H, accum_rows, D) fp32, written by the main kernel (first write of a block a store, the
   // others adds; blocks no key block writes are never read). The 8-float chunks of accumulator
-  // row r are permuted by chunk ^ (r % 8) (BwdTraits::SmemLayoutdQ: the kernel stores its
+  // row r are permuted by chunk ^ (r % bwd_dq_swizzle_rows(D)) (the kernel stores its
   // fragments to shared memory that way without bank conflicts and adds the block as it is;
   // the postprocess undoes the permutation).
   float* dq_accum;

@@ -65,15 +65,16 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
   static constexpr int kBlockN = bwd_block_n(kHeadDim);  // key rows per tile
-  // D = 256: dK and dV of 64 keys take 256 registers per thread in a warpgroup that owns
-  // them. So both warpgroups work on all 64 keys of the tile: they split the queries in S^T
-  // and dP^T (64 keys x 32 queries each), and the head dim in dV, dK and dQ (64 x 128 of
-  // each). P^T and dS^T meet in shared memory, from where the dV and dK products read them.
+  // D = 192 and 256: dK and dV of 64 keys take 192 / 256 registers per thread in a warpgroup
+  // that owns them. So both warpgroups work on all 64 keys of the tile: they split the
+  // queries in S^T and dP^T (64 keys x 32 queries each), and the head dim in dV, dK and dQ
+  // (64 x D/2 of each). P^T and dS^T meet in shared memory, from where the dV and dK products
+  // read them.
   static constexpr bool kSplitD = kHeadDim > 128;
   static_assert(!kSplitD || (kBlockN == 64 && kBlockM == 64), "split-D tiles are 64 x 64");
   // Q/dO stages. D = 256 has room for one: K, V, Q, dO (32 KB each), P, dS (8 KB each), dQ
-  // (64 KB).
-  static constexpr int kStages = kSplitD ? 1 : 2;
+  // (64 KB); D = 192 for two (24 KB each of K, V, Q, dO, 48 KB of dQ).
+  static constexpr int kStages = kHeadDim > 192 ? 1 : 2;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // D = 64 holds S^T and dP^T of 64 keys x 128 queries (64 registers each) beside dV and dK:
@@ -117,20 +118,17 @@ struct BwdTraits {
                            GMMA::Major::MN, GMMA::Major::MN>(),
       conditional_t<kDqSplitRows, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
   // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
-  // permuted by chunk ^ (r % 8): the 8 rows an accumulator fragment store spans land on
-  // different banks, and the block is one contiguous range, added to the accumulator (which
-  // keeps this layout, see BwdWorkspace) by a single bulk reduction.
-  static constexpr int kDqSwizzleShift = kHeadDim == 64 ? 3 : kHeadDim == 128 ? 4 : 5;
-  using SmemLayoutdQ = decltype(composition(
-      Swizzle<3, 3, kDqSwizzleShift>{},
-      Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kHeadDim>, _1>>{}));
-  static_assert(kHeadDim == 8 << kDqSwizzleShift, "the dQ swizzle assumes rows of 2^(S+3) floats");
+  // permuted by chunk ^ (r % kDqSwizzleRows) (bwd_dq_swizzle_rows): the rows an accumulator
+  // fragment store spans land on different banks, and the block is one contiguous range,
+  // added to the accumulator (which keeps this layout, see BwdWorkspace) by a single bulk
+  // reduction.
+  static constexpr int kDqSwizzleRows = bwd_dq_swizzle_rows(kHeadDim);
   static constexpr int kDqBlockBytes = kBlockM * kHeadDim * sizeof(float);
   // Two dQ buffers, so the compute warpgroups run a block ahead of the writer: its round
   // trip (a bulk reduction into a busy L2, then waiting for its reads) can take about a
   // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
-  // D = 256's 64 KB block leaves room for one.
+  // D = 192 and 256 leave room for one (48 and 64 KB).
   static constexpr int kDqBuffers = kSplitD ? 1 : 2;
   // dS buffers. With one, a warpgroup waits (ds_free) until both have finished the previous
   // block's dQ product before it overwrites dS. With two, the meeting before each dQ product
@@ -146,7 +144,12 @@ struct BwdTraits {
   // kDqJobs never makes the producer wait.
   static constexpr int kDqJobs = kStages + kDqBuffers + 1;
 
-  using SmemAtomK = GMMA::Layout_K_SW128_Atom<Element>;
+  // Q, dO, K, V: 128-byte swizzled rows of 64 elements, or 64-byte ones of 32 at D = 192: its
+  // warpgroups' halves of the head dim (96 columns) are the N of MN-major operands (dO^T, Q^T,
+  // K^T), which must be whole swizzle atoms.
+  using SmemAtomK = conditional_t<kSplitD && (kHeadDim / 2) % 64 != 0,
+                                  GMMA::Layout_K_SW64_Atom<Element>,
+                                  GMMA::Layout_K_SW128_Atom<Element>>;
   using SmemLayoutQ = decltype(tile_to_shape(
       SmemAtomK{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
   using SmemLayoutQt = decltype(composition(
@@ -189,7 +192,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     // kSplitD: P (SmemLayoutdS); a minimal placeholder otherwise.
     alignas(1024) cute::array_aligned<Element, kSplitD ? cosize_v<SmemLayoutdS> : 8> p;
-    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // SmemLayoutdQ
+    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // see kDqSwizzleRows
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
     alignas(16) float lse[kStages][kBlockM];
@@ -732,11 +735,12 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
 }
 
 // Stores this thread's dQ fragment, (rows, cols) of the (M, D) block, into a dQ buffer
-// (SmemLayoutdQ). The thread's elements lie on rows that differ by multiples of 8 and in
-// 8-column chunks at the same offset, so one XOR pattern (row % 8) serves them all: the
-// swizzled offset of (row0 + dr, col0 + dc) is base + dr * D + (dc ^ 8 * (row0 % 8)), with
-// dr and dc compile-time constants (the swizzle rewrites bits 3-5 of the column, which are 0
-// in col0: a warpgroup's columns start at 0 or D/2 = 64, and a thread's at most 6 past that).
+// (kDqSwizzleRows = S). The thread's elements lie on rows that differ by multiples of 8 and in
+// 8-column chunks at the same offset, so one XOR pattern (row % S) serves them all: the
+// swizzled offset of (row0 + dr, col0 + dc) is base + dr * D + (dc ^ 8 * (row0 % S)), with
+// dr and dc compile-time constants (the swizzle rewrites bits 3 .. 2 + log2 S of the column,
+// which are 0 in col0: a warpgroup's columns start at 0 or D/2, a multiple of 8 S, and a
+// thread's at most 6 past that).
 // Derived per element through the layout, the offsets cost ~4 integer instructions per
 // store (ncu: ~5% of the compute warps' samples). The thread index is opaque so that the
 // base is derived here, per block: hoisted, it stayed live through the main loop and spilled.
@@ -753,7 +757,9 @@ __device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer
   Tensor coord0 = make_tensor(cdQ0.data(), accum_rowcol(cdQ0.layout()));
   const int row0 = get<0>(coord(0, 0));
   const int col0 = get<1>(coord(0, 0));
-  const int swizzle = (row0 % 8) * 8;
+  static_assert((Traits::kDqSplitRows ? kHeadDim : kHeadDim / 2) % (8 * Traits::kDqSwizzleRows) == 0,
+                "a warpgroup's first dQ column must be a multiple of 8 kDqSwizzleRows");
+  const int swizzle = (row0 % Traits::kDqSwizzleRows) * 8;
   const uint32_t base = smem_address(buffer) + (row0 * kHeadDim + col0) * sizeof(float);
   CUTLASS_PRAGMA_UNROLL
   for (int r = 0; r < size<0>(dq_acc); ++r) {
@@ -954,17 +960,23 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_wait<2>();  // dQ done
             warpgroup_fence_operand(tdQrdQ);
             // Stage "dQ hand-off" (as below).
-            wait_barrier(&ss.dq_empty[0], dq_empty_phase);
-            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[0], thread);
+            wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
+            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
             cutlass::arch::fence_view_async_shared();
-            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[0]);
-            dq_empty_phase ^= 1;
+            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
+            if (++dq_buffer == Traits::kDqBuffers) {
+              dq_buffer = 0;
+              dq_empty_phase ^= 1;
+            }
             warpgroup_wait<0>();  // dV and dK done: P, dS, Q and dO are free
             warpgroup_fence_operand(tdVrdV);
             warpgroup_fence_operand(tdKrdK);
             cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
-            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[0]);
-            full_phase ^= 1;
+            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+            if (++stage == Traits::kStages) {
+              stage = 0;
+              full_phase ^= 1;
+            }
           } else {
             // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
             bwd_stagger_wait(warpgroup);

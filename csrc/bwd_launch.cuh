@@ -26,17 +26,18 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
                 const BwdKernels& kernels) {
   using Traits = BwdTraits<kHeadDim, Element, kWindow, kSoftcap>;
   const VarlenProblem& p = bp.p;
-  // Threads of the pre/postprocess: D/8 per kPreGroups (accumulator row, head) groups and per
-  // (q row, head).
+  // Threads of the pre/postprocess: bwd_pre_lanes(D) per kPreGroups (accumulator row, head)
+  // groups, D/8 per (q row, head).
   // The preprocess has one more CTA, the schedule builder, and runs even without query rows:
   // the main kernel still needs the schedule to zero-write dK and dV.
-  auto blocks_for = [](int64_t rows) {
-    const int64_t threads = rows * (kHeadDim / 8);
+  auto blocks_for = [](int64_t rows, int lanes) {
+    const int64_t threads = rows * lanes;
     return static_cast<int>((threads + kPrePostThreads - 1) / kPrePostThreads);
   };
   const int pre_blocks = blocks_for(
-      (static_cast<int64_t>(ws.accum_rows) * p.num_heads + kPreGroups - 1) / kPreGroups);
-  const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads);
+      (static_cast<int64_t>(ws.accum_rows) * p.num_heads + kPreGroups - 1) / kPreGroups,
+      bwd_pre_lanes(kHeadDim));
+  const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads, kHeadDim / 8);
   const ScheduleCapacity capacity =
       ScheduleCapacity::make(p, bwd_schedule_config(kHeadDim, bp.deterministic));
   driver::launch(kernels.preprocess, {static_cast<unsigned>(pre_blocks + 1), kPrePostThreads},

@@ -24,6 +24,13 @@
 namespace prefixlm {
 
 constexpr int kPrePostThreads = 256;
+// Threads per (row, head) group of the preprocess: one per 8 elements of the row, rounded up
+// to a power of two (the dot product's shuffle tree; D = 192 leaves 8 of 32 idle).
+__host__ __device__ constexpr int bwd_pre_lanes(int head_dim) {
+  int lanes = 1;
+  while (lanes < head_dim / 8) lanes *= 2;
+  return lanes;
+}
 // (Accumulator row, head) groups per preprocess thread (bwd_preprocess_body).
 constexpr int kPreGroups = 4;
 
@@ -66,7 +73,8 @@ template <int kHeadDim, class Element>
 __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const BwdWorkspace& ws,
                                                     const ScheduleCapacity& schedule_capacity) {
   constexpr int kVec = 8;                   // elements per thread: one 16-byte load
-  constexpr int kLanes = kHeadDim / kVec;   // threads per (row, head), a divisor of 32
+  constexpr int kLanes = bwd_pre_lanes(kHeadDim);  // threads per (row, head), a divisor of 32
+  static_assert(kLanes <= 32, "a group's threads are lanes of one warp");
   const VarlenProblem& p = bp.p;
   // The main kernel is launched as this kernel's programmatic dependent (bwd_launch.cuh): it
   // may start once every CTA of this grid has, and waits for the whole grid before it reads
@@ -102,7 +110,7 @@ __device__ __forceinline__ void bwd_preprocess_body(const BwdParams& bp, const B
     lse[g] = -INFINITY;
     ov[g].clear();
     dv[g].clear();
-    if (real[g]) {
+    if (real[g] && lane * kVec < kHeadDim) {
       ov[g] = *reinterpret_cast<const Vec*>(static_cast<const Element*>(bp.out) +
                                              row * bp.o_stride.row + head * bp.o_stride.head +
                                              lane * kVec);
@@ -156,8 +164,8 @@ __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const 
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
   if (arow >= 0 && ws.dq_semaphore[bwd_dq_word(at, bwd_block_m(kHeadDim))] != 0) {
     // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
-    // lane ^ (row % 8) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
-    const int chunk = lane ^ (arow % 8);
+    // lane ^ (row % S) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
+    const int chunk = lane ^ (arow % bwd_dq_swizzle_rows(kHeadDim));
     const float4* acc =
         reinterpret_cast<const float4*>(ws.dq_accum + at * kHeadDim + chunk * kVec);
     a = acc[0];

@@ -23,8 +23,8 @@ void run_typed(const FwdParams& params, void* workspace, cudaStream_t stream) {
 }
 
 // A softcap has its own kernels (which also take a window), so has the window alone
-// (FwdTraits::kSoftcap / kWindow); both use 128 x N tiles, N = 128 (80 at D=256,
-// fwd_schedule.h).
+// (FwdTraits::kSoftcap / kWindow); both use 128 x N tiles, N = 128 (112 at D=192, 80 at
+// D=256, fwd_schedule.h).
 template <int D, int N = 128>
 void run_extended(const FwdParams& params, void* workspace, cudaStream_t stream) {
   if (params.p.softcap > 0.f) return run_typed<D, 128, N, true, true>(params, workspace, stream);
@@ -44,12 +44,15 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
       if (p.extended()) return run_extended<128>(params, workspace, stream);
       if (fwd_block_cols(p) == 176) return run_typed<128, 128, 176>(params, workspace, stream);
       return run_typed<128, 128, 128>(params, workspace, stream);
+    case 192:
+      if (p.extended()) return run_extended<192, 112>(params, workspace, stream);
+      return run_typed<192, 128, 112>(params, workspace, stream);
     case 256:
       if (p.extended()) return run_extended<256, 80>(params, workspace, stream);
       return run_typed<256, 128, 80>(params, workspace, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no forward kernel for head_dim=" +
-                                  std::to_string(p.head_dim) + " (supported: 64, 128, 256)");
+                                  std::to_string(p.head_dim) + " (supported: 64, 128, 192, 256)");
   }
 }
 

@@ -53,15 +53,17 @@ struct FwdTraits {
   static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim <= 64), "unsupported tile");
   // Key columns per block: 128, or 176 at D=128 for long sequences (fwd_schedule.h): a third
   // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills. D=256 takes
-  // 80: its O holds 128 registers, beside S 40 + P 20.
+  // 80: its O holds 128 registers, beside S 40 + P 20; D=192 takes 112, for its K/V stages to
+  // fit (216 KB with one Q buffer).
   static constexpr int kBlockN = kBlockN_;
-  static_assert(kHeadDim == 256 ? kBlockN == 80
-                                : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128),
+  static_assert(kHeadDim == 256   ? kBlockN == 80
+                : kHeadDim == 192 ? kBlockN == 112
+                                  : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128),
                 "unsupported tile");
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
-  // 176-column K/V stages leave room for one (208 KB of shared memory), so do D=256's (a Q
-  // tile of 64 KB and 80-key stages: 224 KB).
+  // 176-column K/V stages leave room for one (208 KB of shared memory), so do D=192's and
+  // D=256's (a Q tile of 48 / 64 KB and 112 / 80-key stages: 216 / 224 KB).
   static constexpr int kQBuffers = kBlockN > 128 || kHeadDim > 128 ? 1 : 2;
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   // setmaxnreg split of the 64K registers: the producer warpgroup keeps 24.

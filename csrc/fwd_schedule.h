@@ -18,8 +18,9 @@ inline int fwd_block_rows(const VarlenProblem& p) {
 // Key columns per block of the forward kernel (kBlockN): 176 at D=128 when the average slot
 // holds at least 4096 rows (measured: causal 8k +3.5%, full 8k equal), 128 otherwise (176
 // cost short tiles 5-10%: one Q buffer, larger partial blocks).
-// D=256 takes 80 (FwdTraits).
+// D=192 takes 112, D=256 80 (FwdTraits).
 inline int fwd_block_cols(const VarlenProblem& p) {
+  if (p.head_dim == 192) return 112;
   if (p.head_dim == 256) return 80;
   return p.head_dim == 128 && !p.extended() && p.total_q >= 4096LL * p.batch ? 176 : 128;
 }

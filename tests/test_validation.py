@@ -70,7 +70,7 @@ FWD_CASES = [
     (("k", "v"), lambda a: torch.zeros(a["k"].shape[0], 3, 64, dtype=a["k"].dtype), ValueError,
      "the heads of q (4) must be a multiple of the heads of k and v (3)"),
     ("q", lambda a: torch.zeros(a["q"].shape[0], 4, 96, dtype=a["q"].dtype), ValueError,
-     "q has head_dim 96; supported head dims are (64, 128, 256)"),
+     "q has head_dim 96; supported head dims are (64, 128, 192, 256)"),
     ("k", lambda a: torch.zeros(a["k"].shape[0], 2, 128, dtype=a["k"].dtype), ValueError,
      "k must have the head_dim of q"),
     ("v", lambda a: torch.zeros(a["v"].shape[0] + 1, 2, 64, dtype=a["v"].dtype), ValueError,
