@@ -33,10 +33,15 @@ struct BwdParams {
 // over twice the pairs; D >= 128 takes 64 (the accumulators fill the registers at 64).
 __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
 // The dQ accumulator's permutation (BwdWorkspace): the 8-float chunks of row r are stored at
-// chunk ^ (r % bwd_dq_swizzle_rows): 8 rows on distinct banks, or 4 at D = 192, where a
-// warpgroup's half of the head dim starts at column 96 (bwd_store_dq).
+// chunk ^ (r % S), S = bwd_dq_swizzle_rows: rows r .. r + S - 1 on distinct banks. S is the
+// largest of 8, 4, 2 that keeps the XOR off the bits of the column where a warpgroup's share
+// of dQ starts (bwd_store_dq): 0 (D = 64, split by rows) or D/2, so 4 at D = 192 (96) and 2
+// at D = 96 (48).
 __host__ __device__ constexpr int bwd_dq_swizzle_rows(int head_dim) {
-  return head_dim % 128 == 0 || head_dim == 64 ? 8 : 4;
+  const int first_col = head_dim <= 64 ? 0 : head_dim / 2;
+  int rows = 8;
+  while (rows > 1 && first_col % (8 * rows) != 0) rows /= 2;
+  return rows;
 }
 // Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64
 // per compute warpgroup; D = 192 and 256 take 64, shared by both (BwdTraits::kSplitD).

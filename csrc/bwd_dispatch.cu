@@ -65,6 +65,8 @@ void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
   switch (p.head_dim) {
     case 64:
       return run_head_dim<64>(params, ws, stream);
+    case 96:
+      return run_head_dim<96>(params, ws, stream);
     case 128:
       return run_head_dim<128>(params, ws, stream);
     case 192:
@@ -73,7 +75,7 @@ void run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream) {
       return run_head_dim<256>(params, ws, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no backward kernel for head_dim=" +
-                                  std::to_string(p.head_dim) + " (supported: 64, 128, 192, 256)");
+                                  std::to_string(p.head_dim) + " (supported: 64, 96, 128, 192, 256)");
   }
 }
 

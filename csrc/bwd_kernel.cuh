@@ -111,7 +111,7 @@ struct BwdTraits {
   // columns [D/2 w, D/2 w + D/2) (at D = 64 a half would be too narrow for a 128-byte
   // swizzled MN-major operand, hence D = 64's 128 rows).
   static constexpr bool kDqSplitRows = kBlockM == 128;
-  static_assert(kDqSplitRows || kHeadDim / 2 >= 64, "dQ split by columns needs D/2 >= 64");
+  static_assert(kDqSplitRows || (kHeadDim / 2) % 16 == 0, "dQ's column halves are whole atoms");
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float,
                            Shape<_64, Int<kDqSplitRows ? kHeadDim : kHeadDim / 2>, Int<kBlockN>>,
@@ -136,7 +136,7 @@ struct BwdTraits {
   // block m - 1 completed, and the other overwrites that buffer only at block m + 1. D = 128
   // keeps one (two fit since v10: 2-3% slower there, within noise at v12); D = 64's 128-row
   // blocks have room for two.
-  // D = 256 (kSplitD) keeps one, and one of P^T.
+  // kSplitD keeps one, and one of P^T.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
@@ -144,14 +144,20 @@ struct BwdTraits {
   // kDqJobs never makes the producer wait.
   static constexpr int kDqJobs = kStages + kDqBuffers + 1;
 
-  // Q, dO, K, V: 128-byte swizzled rows of 64 elements, or 64-byte ones of 32 at D = 192: its
-  // warpgroups' halves of the head dim (96 columns) are the N of MN-major operands (dO^T, Q^T,
-  // K^T), which must be whole swizzle atoms.
-  using SmemAtomK = conditional_t<kSplitD && (kHeadDim / 2) % 64 != 0,
-                                  GMMA::Layout_K_SW64_Atom<Element>,
-                                  GMMA::Layout_K_SW128_Atom<Element>>;
+  // Shared-memory tiles of Q, dO (SmemAtomQ) and K, V (SmemAtomK): rows swizzled over 128,
+  // 64 or 32 bytes (atoms of 64, 32 or 16 elements), the widest whose atoms tile every column
+  // range a warpgroup's product reads as an MN-major N: dO^T / Q^T in dV / dK (all of D, or
+  // its half with kSplitD), K^T in dQ (D or D/2, TiledMmadQ). So 128 bytes at D = 64, 128,
+  // 256; 64 at D = 192 (halves of 96); at D = 96, 64 for Q and dO (96) and 32 for K (48).
+  template <int kCols>
+  using SwizzleAtom = conditional_t<
+      kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+      conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
+                    GMMA::Layout_K_SW32_Atom<Element>>>;
+  using SmemAtomQ = SwizzleAtom<kSplitD ? kHeadDim / 2 : kHeadDim>;
+  using SmemAtomK = SwizzleAtom<kDqSplitRows ? kHeadDim : kHeadDim / 2>;
   using SmemLayoutQ = decltype(tile_to_shape(
-      SmemAtomK{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
+      SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
                                          Step<_2, _1, _3>{})));  // (D, M, stages)
@@ -191,7 +197,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     // kSplitD: P (SmemLayoutdS); a minimal placeholder otherwise.
-    alignas(1024) cute::array_aligned<Element, kSplitD ? cosize_v<SmemLayoutdS> : 8> p;
+    alignas(kSplitD ? 1024 : 16) cute::array_aligned<Element, kSplitD ? cosize_v<SmemLayoutdS> : 8> p;
     alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // see kDqSwizzleRows
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).

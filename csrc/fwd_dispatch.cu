@@ -36,6 +36,9 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
   const VarlenProblem& p = params.p;
   if (p.total_q == 0) return;  // nothing to write
   switch (p.head_dim) {
+    case 96:
+      if (p.extended()) return run_extended<96>(params, workspace, stream);
+      return run_typed<96, 128, 128>(params, workspace, stream);
     case 64:
       if (p.extended()) return run_extended<64>(params, workspace, stream);
       if (fwd_block_rows(p) == 192) return run_typed<64, 192, 128>(params, workspace, stream);
@@ -52,7 +55,7 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
       return run_typed<256, 128, 80>(params, workspace, stream);
     default:
       throw std::invalid_argument("prefixlm_fa3: no forward kernel for head_dim=" +
-                                  std::to_string(p.head_dim) + " (supported: 64, 128, 192, 256)");
+                                  std::to_string(p.head_dim) + " (supported: 64, 96, 128, 192, 256)");
   }
 }
 

@@ -86,8 +86,10 @@ struct FwdTraits {
                            GMMA::Major::MN>(),
       AtomLayout{}));
 
-  // 128-byte swizzled tiles (D is a multiple of 64 elements = 128 bytes).
-  using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  // 128-byte swizzled tiles where D is a multiple of 64 elements (128 bytes); D = 96 takes
+  // 64-byte swizzled ones (three 32-element atoms per row).
+  using SmemAtom = conditional_t<kHeadDim % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+                                 GMMA::Layout_K_SW64_Atom<Element>>;
   using SmemLayoutQ = decltype(tile_to_shape(
       SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));  // (M, D, buffers)
   using SmemLayoutKV = decltype(tile_to_shape(
@@ -280,7 +282,7 @@ __device__ void fwd_zero_rows(const FwdParams& fp, int row_begin, int row_end, i
 
 // Zero-fills V rows [first_row, kBlockN) of one stage, shared out over every consumer thread in
 // 16-byte stores. Those rows hold keys past Lk (padding, possibly NaN, or the next slot) whose
-// probabilities are exactly 0, but 0 * NaN is NaN. The 128-byte swizzle permutes 16-byte chunks
+// probabilities are exactly 0, but 0 * NaN is NaN. The swizzle permutes 16-byte chunks
 // within a row, so a chunk of 8 elements stays contiguous. The thread index is opaque so that
 // its offsets are derived on this rarely taken path (at D=256, hoisted, they were spilled).
 template <class Traits, class TensorV>

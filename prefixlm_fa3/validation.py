@@ -19,7 +19,7 @@ import os
 
 import torch
 
-SUPPORTED_HEAD_DIMS = (64, 128, 192, 256)
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 ENV_VALIDATE = "PREFIXLM_FA3_VALIDATE"
 

@@ -36,7 +36,7 @@ def test_environment_report_runs_and_names_what_matters():
     assert f"torch {torch.__version__}" in out and "CPU tensors: the reference" in out
     if BUILT:
         assert re.search(r"built with: CUDA 1[23]\.\d+ kernels .* for sm_90a", out), out
-        assert "kernels: loaded from" in out and "head dims 64, 128, 192, 256" in out, out
+        assert "kernels: loaded from" in out and "head dims 64, 96, 128, 192, 256" in out, out
 
 
 def test_one_version_source():

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
-padded PrefixLM batches at D=64, 128, 192 and 256, GQA and Lq != Lk included, the same with a sliding
+padded PrefixLM batches at D=64, 96, 128, 192 and 256, GQA and Lq != Lk included, the same with a sliding
 window (the window kernels) or a softcap, plus a batch whose cu_seqlens decrease. Run it under each tool, e.g.
 
     compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
@@ -34,7 +34,7 @@ def run(b, deterministic):
 
 def main():
     batches = []
-    for d in (64, 128, 192, 256):
+    for d in (64, 96, 128, 192, 256):
         batches.append(packed_batch([130, 7, 200], pad_q=[3, 0, 9], tail_q=5, prefix=[40, 7, 300],
                                     heads=4, heads_k=2, head_dim=d, device="cuda", seed=d))
         batches.append(packed_batch([70, 150], [190, 33], pad_q=[1, 2], pad_k=[4, 0], tail_q=2,
@@ -50,7 +50,7 @@ def main():
     # Decreasing cu_seqlens: overlapping slots (clamped, never out of bounds), causal and full
     # (under the full mask, overlapping slots' key blocks claim the same dQ blocks).
     calls = 0
-    for d in (64, 128, 192, 256):
+    for d in (64, 96, 128, 192, 256):
         q, k, v = (0.1 * torch.randn(300, 2, d, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
         cu = torch.tensor([0, 200, 50, 300], dtype=torch.int32, device="cuda")

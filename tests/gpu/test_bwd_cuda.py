@@ -80,6 +80,7 @@ def check_backward(b):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("heads,heads_k,cross", [(4, 4, False), (4, 2, True)])
 @pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16),
+                                            (96, torch.bfloat16), (96, torch.float16),
                                             (192, torch.bfloat16), (192, torch.float16),
                                             (256, torch.bfloat16), (256, torch.float16)])
 def test_backward_mixed_batch(mode, heads, heads_k, cross, head_dim, dtype):
@@ -96,8 +97,9 @@ WINDOWS = [(0, 0), (127, 0), (200, 129), (-1, 64), (300, -1), (5000, 5000)]
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16),
-                                            (192, torch.bfloat16), (256, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (96, torch.float16),
+                                            (128, torch.bfloat16), (192, torch.bfloat16),
+                                            (256, torch.bfloat16)])
 def test_backward_sliding_window(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + WINDOWS.index(window)
     b = mixed_batch(seed, mode, cross=window[0] % 2 == 1, heads=4, heads_k=2,
@@ -107,8 +109,9 @@ def test_backward_sliding_window(mode, window, head_dim, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("window", [(-1, -1), (200, 129)])
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (128, torch.float16),
-                                            (192, torch.float16), (256, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (96, torch.bfloat16),
+                                            (128, torch.float16), (192, torch.float16),
+                                            (256, torch.bfloat16)])
 def test_backward_softcap(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + 7
     b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
@@ -125,7 +128,7 @@ def test_backward_issue_example(head_dim, dtype):
     check_backward(b)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 256])
 def test_backward_prefixlm_packed_batch(head_dim):
     """A PrefixLM batch shaped like HRM-Text's, scaled down, in bf16 with GQA: prefixes that
     end inside query blocks of 64 and of 128 rows, lengths just below and above a block,
@@ -200,7 +203,7 @@ def test_empty_sides_give_exact_zeros(case, deterministic):
 
 
 @pytest.mark.parametrize("cu", [[0, 300, 100, 700], [0, 640, 640, 64, 700]])
-@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 def test_decreasing_cu_seqlens_finish_without_nan(cu, head_dim, deterministic, causal):
@@ -224,7 +227,7 @@ def test_decreasing_cu_seqlens_finish_without_nan(cu, head_dim, deterministic, c
         assert not t.isnan().any(), name
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_overlapping_slots_beyond_capacity_write_zeros(head_dim, deterministic):
     """Slots [0, 1000) and again [0, 1000) need more work records than a workspace sized for

@@ -65,6 +65,7 @@ def check_forward(b, max_chunk_elems=1 << 26):
 @pytest.mark.parametrize("heads,heads_k,cross", [(4, 4, False), (4, 1, True)])
 @pytest.mark.parametrize("head_dim,dtype", [(64, torch.bfloat16), (64, torch.float16),
                                             (128, torch.bfloat16), (128, torch.float16),
+                                            (96, torch.bfloat16), (96, torch.float16),
                                             (192, torch.bfloat16), (192, torch.float16),
                                             (256, torch.bfloat16), (256, torch.float16)])
 def test_forward_mixed_batch(mode, heads, heads_k, cross, head_dim, dtype):
@@ -92,8 +93,9 @@ def test_forward_sliding_window(mode, window, head_dim, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("window", [(-1, -1), (200, 129)])
-@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16),
-                                            (192, torch.bfloat16), (256, torch.float16)])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (96, torch.float16),
+                                            (128, torch.bfloat16), (192, torch.bfloat16),
+                                            (256, torch.float16)])
 def test_forward_softcap(mode, window, head_dim, dtype):
     seed = MODES.index(mode) * 1000 + head_dim + 7
     b = mixed_batch(seed, mode, cross=True, heads=4, heads_k=2, head_dim=head_dim, dtype=dtype,
