@@ -861,6 +861,26 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   uint32_t ds_free_phase = 1;  // kDsBuffers == 1: the first dS write does not wait
   int dq_buffer = 0;
   uint32_t dq_empty_phase = 1;  // the first pass over the buffers does not wait
+  // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
+  // writer, once it has read the previous block out.
+  auto hand_off_dq = [&] {
+    wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
+    bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
+    cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
+    cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
+    if (++dq_buffer == Traits::kDqBuffers) {
+      dq_buffer = 0;
+      dq_empty_phase ^= 1;
+    }
+  };
+  // The block's products are done with the stage's Q and dO: the producer may reload it.
+  auto release_stage = [&] {
+    cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
+    if (++stage == Traits::kStages) {
+      stage = 0;
+      full_phase ^= 1;
+    }
+  };
 
   for (int k = 0;; ++k) {
     // The record comes from global memory, not through the hand-off: the producer warp has
@@ -929,7 +949,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_consumers_sync();
           }
           if constexpr (Traits::kSplitD) {
-            // D = 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
+            // D = 192 and 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
             // against the tile's 64 keys; P^T is computed as soon as S^T lands.
             warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
             warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
@@ -965,24 +985,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_gemm_issue<false>(mma_dkv, tdKrdSt(_, _, _, 0), tdKrQt(_, _, _, stage), tdKrdK);
             warpgroup_wait<2>();  // dQ done
             warpgroup_fence_operand(tdQrdQ);
-            // Stage "dQ hand-off" (as below).
-            wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
-            cutlass::arch::fence_view_async_shared();
-            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
-            if (++dq_buffer == Traits::kDqBuffers) {
-              dq_buffer = 0;
-              dq_empty_phase ^= 1;
-            }
+            hand_off_dq();
             warpgroup_wait<0>();  // dV and dK done: P, dS, Q and dO are free
             warpgroup_fence_operand(tdVrdV);
             warpgroup_fence_operand(tdKrdK);
             cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
-            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
-            if (++stage == Traits::kStages) {
-              stage = 0;
-              full_phase ^= 1;
-            }
+            release_stage();
           } else {
             // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
             bwd_stagger_wait(warpgroup);
@@ -1035,24 +1043,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_fence_operand(tdQrdQ);
             if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
             if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
-
-            // Stage "dQ hand-off": dQ (unscaled; the postprocess scales) to shared memory for the
-            // writer, once it has read the previous block out.
-            wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-            bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
-            cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
-            cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
-            if (++dq_buffer == Traits::kDqBuffers) {
-              dq_buffer = 0;
-              dq_empty_phase ^= 1;
-            }
+            hand_off_dq();
             warpgroup_wait<0>();  // dK done: the stage's Q and dO are free
             fence_after_wait(tdSrdS_a, tdKrdK);
-            cutlass::arch::ClusterBarrier::arrive(&ss.qdo_empty[stage]);
-            if (++stage == Traits::kStages) {
-              stage = 0;
-              full_phase ^= 1;
-            }
+            release_stage();
           }
         }
       }
