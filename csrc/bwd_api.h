@@ -44,8 +44,11 @@ __host__ __device__ constexpr int bwd_dq_swizzle_rows(int head_dim) {
   return rows;
 }
 // Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64
-// per compute warpgroup; D = 192 and 256 take 64, shared by both (BwdTraits::kSplitD).
-__host__ __device__ constexpr int bwd_block_n(int head_dim) { return head_dim > 128 ? 64 : 128; }
+// per compute warpgroup; D = 192 takes 96, 48 per warpgroup (BwdTraits::kDkvT), D = 256 64,
+// shared by both (BwdTraits::kSplitD).
+__host__ __device__ constexpr int bwd_block_n(int head_dim) {
+  return head_dim > 192 ? 64 : head_dim > 128 ? 96 : 128;
+}
 // Alignment of a slot's accumulator rows: a multiple of every bwd_block_m.
 constexpr int kBwdAccumAlign = 128;
 // One dq_semaphore word per kBwdSemaphoreRows accumulator rows (the smallest query block),

@@ -30,6 +30,10 @@
 // products), and P, dS, LSE and D of such rows are set by select, never by a product.
 #pragma once
 
+// N = 48 (D = 192's 48 keys per warpgroup, D = 96's dQ halves) needs CuTe's extended wgmma
+// shapes; without it CuTe picks three 64 x 16 atoms per k-step. The other shapes select the
+// same atoms with or without it.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -65,16 +69,27 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per inner step
   static constexpr int kBlockN = bwd_block_n(kHeadDim);  // key rows per tile
-  // D = 192 and 256: dK and dV of 64 keys take 192 / 256 registers per thread in a warpgroup
-  // that owns them. So both warpgroups work on all 64 keys of the tile: they split the
+  // D = 192 and 256: dK and dV of 64 keys over all of D take 192 / 256 registers per thread
+  // in a warpgroup that owns them, so these two change the step.
+  // D = 256 (kSplitD): both warpgroups work on all 64 keys of the tile: they split the
   // queries in S^T and dP^T (64 keys x 32 queries each), and the head dim in dV, dK and dQ
   // (64 x D/2 of each). P^T and dS^T meet in shared memory, from where the dV and dK products
   // read them.
-  static constexpr bool kSplitD = kHeadDim > 128;
+  // D = 192 (kDkvT): tiles of 96 keys, 48 per warpgroup, with the products turned around:
+  // S = Q K^T and dP = dO V^T (64 queries x the warpgroup's 48 keys), dV^T += dO^T P and
+  // dK^T += Q^T dS (D x 48 keys: the head dim is the products' M, 72 + 72 registers), P and
+  // dS through shared memory, dQ split by D as with kSplitD. A key tile of 96 instead of 64
+  // loads Q and dO and adds dQ two thirds as often per key.
+  static constexpr bool kSplitD = kHeadDim > 192;
+  static constexpr bool kDkvT = kHeadDim == 192;
   static_assert(!kSplitD || (kBlockN == 64 && kBlockM == 64), "split-D tiles are 64 x 64");
+  static_assert(!kDkvT || (kBlockN == 96 && kBlockM == 64), "dK^T / dV^T tiles are 64 x 96");
+  // P (not only dS) goes through shared memory.
+  static constexpr bool kPInSmem = kSplitD || kDkvT;
   // Q/dO stages. D = 256 has room for one: K, V, Q, dO (32 KB each), P, dS (8 KB each), dQ
-  // (64 KB); D = 192 for two (24 KB each of K, V, Q, dO, 48 KB of dQ).
-  static constexpr int kStages = kHeadDim > 192 ? 1 : 2;
+  // (64 KB); D = 192 for one: K, V (36 KB each), Q, dO (24 KB each), P, dS (12 KB each), dQ
+  // (48 KB).
+  static constexpr int kStages = kHeadDim > 128 ? 1 : 2;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
   // D = 64 holds S^T and dP^T of 64 keys x 128 queries (64 registers each) beside dV and dK:
@@ -83,26 +98,38 @@ struct BwdTraits {
   // dV first and compute dS while it runs.
   static constexpr bool kDvBeforeDs = kBlockM == 64;
 
-  // Warpgroups split the key rows (M) of the products below, or with kSplitD their N.
+  // Warpgroups split the key rows (M) of the products below, or with kSplitD / kDkvT their N.
   using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;
   using AtomLayoutN = Layout<Shape<_1, _2, _1>>;
-  using AtomLayout = conditional_t<kSplitD, AtomLayoutN, AtomLayoutKeys>;
+  using AtomLayout = conditional_t<kPInSmem, AtomLayoutN, AtomLayoutKeys>;
   // S^T = K Q^T and dP^T = V dO^T: (keys, queries, D), both operands K-major in smem.
-  using TileShapeSdP = Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>;
-  using AtomShapeSdP = Shape<_64, Int<kSplitD ? kBlockM / 2 : kBlockM>, Int<kHeadDim>>;
+  // kDkvT: S = Q K^T and dP = dO V^T, (queries, keys, D).
+  using TileShapeSdP = conditional_t<kDkvT, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>,
+                                     Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>;
+  using AtomShapeSdP =
+      Shape<_64, Int<kDkvT ? kBlockN / 2 : (kSplitD ? kBlockM / 2 : kBlockM)>, Int<kHeadDim>>;
   using TiledMmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, AtomShapeSdP>(), AtomLayout{}));
   // dV += P^T dO and dK += dS^T Q: (keys, D, queries); A from registers (kSplitD: from
   // shared memory, keys x queries with the queries contiguous, i.e. K-major), B = dO^T / Q^T
   // read from the row-major (queries, D) tiles, i.e. MN-major.
-  using TileShapedKV = Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>;
-  using AtomShapedKV = Shape<_64, Int<kSplitD ? kHeadDim / 2 : kHeadDim>, Int<kBlockM>>;
+  // kDkvT: dV^T += dO^T P and dK^T += Q^T dS, (D, keys, queries); A = dO^T / Q^T (MN-major),
+  // B = P / dS stored queries-contiguous (K-major).
+  using TileShapedKV = conditional_t<kDkvT, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kBlockM>>,
+                                     Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>>;
+  using AtomShapedKV = conditional_t<
+      kDkvT, Shape<_64, Int<kBlockN / 2>, Int<kBlockM>>,
+      Shape<_64, Int<kSplitD ? kHeadDim / 2 : kHeadDim>, Int<kBlockM>>>;
   using TiledMmadKV = decltype(make_tiled_mma(
-      conditional_t<kSplitD,
-                    decltype(GMMA::ss_op_selector<Element, Element, float, AtomShapedKV,
-                                                  GMMA::Major::K, GMMA::Major::MN>()),
-                    decltype(GMMA::rs_op_selector<Element, Element, float, AtomShapedKV,
-                                                  GMMA::Major::K, GMMA::Major::MN>())>{},
+      conditional_t<
+          kDkvT,
+          decltype(GMMA::ss_op_selector<Element, Element, float, AtomShapedKV, GMMA::Major::MN,
+                                        GMMA::Major::K>()),
+          conditional_t<kSplitD,
+                        decltype(GMMA::ss_op_selector<Element, Element, float, AtomShapedKV,
+                                                      GMMA::Major::K, GMMA::Major::MN>()),
+                        decltype(GMMA::rs_op_selector<Element, Element, float, AtomShapedKV,
+                                                      GMMA::Major::K, GMMA::Major::MN>())>>{},
       AtomLayout{}));
   // dQ = dS K: (queries, D, keys) over all the tile's keys, so the warpgroups meet once per
   // block (both halves of dS in smem) and never add partial sums. A = dS stored
@@ -129,14 +156,14 @@ struct BwdTraits {
   // block of compute, and with one buffer the warpgroups waited for it (ncu on the per-row
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
   // D = 192 and 256 leave room for one (48 and 64 KB).
-  static constexpr int kDqBuffers = kSplitD ? 1 : 2;
+  static constexpr int kDqBuffers = kPInSmem ? 1 : 2;
   // dS buffers. With one, a warpgroup waits (ds_free) until both have finished the previous
   // block's dQ product before it overwrites dS. With two, the meeting before each dQ product
   // already orders it: a warpgroup passes block m's meeting only after its dQ product of
   // block m - 1 completed, and the other overwrites that buffer only at block m + 1. D = 128
   // keeps one (two fit since v10: 2-3% slower there, within noise at v12); D = 64's 128-row
   // blocks have room for two.
-  // kSplitD keeps one, and one of P^T.
+  // kSplitD and kDkvT keep one, and one of P.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
@@ -146,9 +173,10 @@ struct BwdTraits {
 
   // Shared-memory tiles of Q, dO (SmemAtomQ) and K, V (SmemAtomK): rows swizzled over 128,
   // 64 or 32 bytes (atoms of 64, 32 or 16 elements), the widest whose atoms tile every column
-  // range a warpgroup's product reads as an MN-major N: dO^T / Q^T in dV / dK (all of D, or
-  // its half with kSplitD), K^T in dQ (D or D/2, TiledMmadQ). So 128 bytes at D = 64, 128,
-  // 256; 64 at D = 192 (halves of 96); at D = 96, 64 for Q and dO (96) and 32 for K (48).
+  // range a warpgroup's product reads as an MN-major operand: dO^T / Q^T in dV / dK (all of
+  // D, its half with kSplitD, 64-row atoms of D with kDkvT), K^T in dQ (D or D/2,
+  // TiledMmadQ). So 128 bytes at D = 64, 128, 256 and for Q and dO at D = 192; 64 for K at
+  // D = 192 (halves of 96); at D = 96, 64 for Q and dO (96) and 32 for K (48).
   template <int kCols>
   using SwizzleAtom = conditional_t<
       kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
@@ -166,7 +194,7 @@ struct BwdTraits {
   using SmemLayoutKt = decltype(composition(
       SmemLayoutK{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));  // (D, N)
-  // dS: (M, N, kDsBuffers), queries contiguous (kSplitD: P too).
+  // dS: (M, N, kDsBuffers), queries contiguous (kPInSmem: P too).
   using SmemLayoutdS = decltype(tile_to_shape(
       GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsBuffers>>{}));
   using SmemLayoutdSt = decltype(composition(
@@ -196,8 +224,8 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
-    // kSplitD: P (SmemLayoutdS); a minimal placeholder otherwise.
-    alignas(kSplitD ? 1024 : 16) cute::array_aligned<Element, kSplitD ? cosize_v<SmemLayoutdS> : 8> p;
+    // kPInSmem: P (SmemLayoutdS); a minimal placeholder otherwise.
+    alignas(kPInSmem ? 1024 : 16) cute::array_aligned<Element, kPInSmem ? cosize_v<SmemLayoutdS> : 8> p;
     alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // see kDqSwizzleRows
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
@@ -600,30 +628,61 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
 // loads: through a generic pointer they were generic loads, queued behind global traffic
 // and waited for on the long scoreboard (ncu: ~10% of the compute warps' stall samples).
 // Issued where called, so the caller can start them before it waits for a product.
-template <class Coord>
+// kQueryRows (BwdTraits::kDkvT): a (queries, keys) view; value r belongs to row r.
+template <bool kQueryRows = false, class Coord>
 __device__ inline auto bwd_load_query_values(const float* rows, const Coord& coord) {
-  constexpr int kCols = decltype(size<1>(coord))::value;
-  static_assert(kCols % 2 == 0, "accumulator columns come in pairs");
-  cute::array<float, kCols> values;
-  CUTLASS_PRAGMA_UNROLL
-  for (int c = 0; c < kCols; c += 2) {
-    const float2 v = ld_shared_f32x2(smem_address(rows + get<1>(coord(0, c))));
-    values[c] = v.x;
-    values[c + 1] = v.y;
+  if constexpr (kQueryRows) {
+    constexpr int kRows = decltype(size<0>(coord))::value;
+    cute::array<float, kRows> values;
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      asm volatile("ld.shared.f32 %0, [%1];"
+                   : "=f"(values[r])
+                   : "r"(smem_address(rows + get<0>(coord(r, 0))))
+                   : "memory");
+    }
+    return values;
+  } else {
+    constexpr int kCols = decltype(size<1>(coord))::value;
+    static_assert(kCols % 2 == 0, "accumulator columns come in pairs");
+    cute::array<float, kCols> values;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; c += 2) {
+      const float2 v = ld_shared_f32x2(smem_address(rows + get<1>(coord(0, c))));
+      values[c] = v.x;
+      values[c + 1] = v.y;
+    }
+    return values;
   }
-  return values;
 }
 
-// Stage "P": S^T (this warpgroup's keys x the block's queries, fp32) becomes
+// The query and the key of element (r, c) of an accumulator's (rows, cols) coordinate view:
+// (keys, queries), or (queries, keys) with BwdTraits::kDkvT; and the index of its query's
+// value among bwd_load_query_values'.
+template <class Traits, class Coord>
+__device__ inline int coord_query(const Coord& coord, int r, int c) {
+  return get<Traits::kDkvT ? 0 : 1>(coord(r, c));
+}
+template <class Traits, class Coord>
+__device__ inline int coord_key(const Coord& coord, int r, int c) {
+  return get<Traits::kDkvT ? 1 : 0>(coord(r, c));
+}
+template <class Traits>
+__device__ inline int query_value_index(int r, int c) {
+  return Traits::kDkvT ? r : c;
+}
+
+// Stage "P": S^T (this warpgroup's keys x the block's queries, fp32; kDkvT: S) becomes
 // P^T = exp2(S^T * scale_log2 - LSE) in place, exactly 0 (by select) where the mask forbids
 // the pair or the query is at or past Lq. scores / coord: (keys, queries) views of the
-// accumulator and of its coordinates; lse: the LSE of each column (bwd_load_query_values).
+// accumulator and of its coordinates (kDkvT: (queries, keys)); lse: the LSE of each query
+// (bwd_load_query_values).
 // Softcap (kSoftcap): P^T = exp2(t * scale_log2 - LSE) with t = tanh(S^T * softcap_scale).
 template <class Traits, class Scores, class Coord, class Values>
 __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const Values& lse,
                                          const MaskInfo& mask, int m0, int n0,
                                          float scale_log2, float softcap_scale) {
-  constexpr int kCols = decltype(size<1>(scores))::value;  // queries held by this thread
+  constexpr int kCols = decltype(size<1>(scores))::value;
   auto prob = [&](float s, float row_lse) {
     if constexpr (Traits::kSoftcap) s = tanh_approx(s * softcap_scale);
     return exp2f(s * scale_log2 - row_lse);
@@ -631,48 +690,50 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
   if (mask.block_fully_allowed(m0, m0 + Traits::kBlockM, n0, n0 + Traits::kBlockN)) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float row_lse = lse[c];
       CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < size<0>(scores); ++r) scores(r, c) = prob(scores(r, c), row_lse);
+      for (int r = 0; r < size<0>(scores); ++r) {
+        scores(r, c) = prob(scores(r, c), lse[query_value_index<Traits>(r, c)]);
+      }
     }
   } else {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float row_lse = lse[c];
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < size<0>(scores); ++r) {
-        const int j = n0 + get<0>(coord(r, c));
-        const int i = m0 + get<1>(coord(r, c));
-        const float pv = prob(scores(r, c), row_lse);
+        const int j = n0 + coord_key<Traits>(coord, r, c);
+        const int i = m0 + coord_query<Traits>(coord, r, c);
+        const float pv = prob(scores(r, c), lse[query_value_index<Traits>(r, c)]);
         scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
       }
     }
   }
 }
 
-// Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T. When the tile holds keys past Lk
-// (keys_real false), V rows there are not zero-filled, so dP^T may hold anything there:
-// P^T == 0 selects 0 and it never enters. Otherwise every dP^T is finite (dO rows past Lq
-// are zero-filled, D is 0 there), masked pairs give 0 * finite = 0, and the select's two
-// instructions per element are skipped (they sit between the dP wait and the dS hand-off).
-// dpt and p: (keys, queries) views of the dP^T and P^T accumulators; dpsum: D of each column
-// (bwd_load_query_values).
+// Stage "dS": dS^T = P^T (dP^T - D) in place of dP^T (kDkvT: dS, dP). When the tile holds
+// keys past Lk (keys_real false), V rows there are not zero-filled, so dP^T may hold
+// anything there: P^T == 0 selects 0 and it never enters. Otherwise every dP^T is finite (dO
+// rows past Lq are zero-filled, D is 0 there), masked pairs give 0 * finite = 0, and the
+// select's two instructions per element are skipped (they sit between the dP wait and the dS
+// hand-off). dpt and p: (keys, queries) views of the dP^T and P^T accumulators (kDkvT:
+// (queries, keys)); dpsum: D of each query (bwd_load_query_values).
 // Softcap (kSoftcap): dS^T also takes the cap's derivative 1 - t^2, with t recovered from P^T
 // (t scale_log2 = log2 P^T + LSE, clamped to [-1, 1] so that P^T = 0 gives 0): one MUFU.LG2
 // per element instead of t kept in registers through the dP wait (D=64 spilled 1.2 KB). The
 // LSE comes from shared memory (lse_rows, the block's rows) a column pair at a time: loaded
-// as a whole beforehand it spilled too. scale_log2: the softcap's c log2 e.
+// as a whole beforehand it spilled too (kDkvT: two per thread, from lse). scale_log2: the
+// softcap's c log2 e.
 template <class Traits, class DP, class P, class Values, class Coord>
 __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real,
-                              const float* lse_rows, const Coord& coord, float scale_log2) {
+                              const float* lse_rows, const Coord& coord, float scale_log2,
+                              const Values& lse) {
   // kSelect: P^T == 0 selects 0 (keys past Lk, see above).
   auto run = [&](auto select) {
     constexpr bool kSelect = decltype(select)::value;
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < size<1>(dpt); c += 2) {
-      float2 lse = make_float2(0.f, 0.f);
-      if constexpr (Traits::kSoftcap) {
-        lse = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+      float2 lse_pair = make_float2(0.f, 0.f);
+      if constexpr (Traits::kSoftcap && !Traits::kDkvT) {
+        lse_pair = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
       }
       CUTLASS_PRAGMA_UNROLL
       for (int cc = c; cc < c + 2; ++cc) {
@@ -681,11 +742,12 @@ __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool key
           const float pv = p(r, cc);
           float factor = pv;
           if constexpr (Traits::kSoftcap) {
-            float t = (__log2f(pv) + (cc == c ? lse.x : lse.y)) * (1.f / scale_log2);
+            const float row_lse = Traits::kDkvT ? lse[r] : (cc == c ? lse_pair.x : lse_pair.y);
+            float t = (__log2f(pv) + row_lse) * (1.f / scale_log2);
             t = fminf(fmaxf(t, -1.f), 1.f);
             factor = pv * (1.f - t * t);
           }
-          const float ds = factor * (dpt(r, cc) - dpsum[cc]);
+          const float ds = factor * (dpt(r, cc) - dpsum[query_value_index<Traits>(r, cc)]);
           dpt(r, cc) = !kSelect || pv != 0.f ? ds : 0.f;
         }
       }
@@ -740,6 +802,61 @@ __device__ inline void bwd_store_dkv(const BwdParams& bp, Acc& tdKrdK, Acc& tdVr
   }
 }
 
+// Epilogue of kDkvT tiles: dK^T (scaled) and dV^T, (D, keys) accumulators, transposed by
+// stmatrix into the K and V tiles ((keys, D), which every product of the tile has finished
+// reading), then copied out in 16-byte chunks, rows below Lk (`rows`) only. The caller
+// releases K and V afterwards.
+template <class Traits, class TiledMma, class Acc>
+__device__ void bwd_store_dkv_staged(const BwdParams& bp, TiledMma& mma_dkv, Acc& tdKrdK,
+                                     Acc& tdVrdV, typename Traits::SharedStorage& ss,
+                                     int64_t key0, int head_k, int rows, int thread) {
+  using Element = typename Traits::Element;
+  constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
+  bwd_consumers_sync();  // both warpgroups' products are done with K and V
+  auto copy_dkv = make_tiled_copy_C(Copy_Atom<SM90_U16x8_STSM_T, Element>{}, mma_dkv);
+  auto thr_copy = copy_dkv.get_thread_slice(thread);
+  auto stage_tile = [&](Acc& acc, Element* tile, float scale) {
+    Tensor converted = make_tensor_like<Element>(acc);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(acc); ++i) converted(i) = Element(acc(i) * scale);
+    Tensor st = make_tensor(make_smem_ptr(tile), typename Traits::SmemLayoutKt{});  // (D, N)
+    copy(copy_dkv, thr_copy.retile_S(converted), thr_copy.partition_D(st));
+  };
+  stage_tile(tdKrdK, ss.k.data(), bp.p.softmax_scale);
+  stage_tile(tdVrdV, ss.v.data(), 1.f);
+  bwd_consumers_sync();
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});  // (N, D)
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutK{});
+  Element* dk = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row + head_k * bp.dk_stride.head;
+  Element* dv = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row + head_k * bp.dv_stride.head;
+  const int count = min(rows, Traits::kBlockN) * kChunks;
+  for (int i = thread; i < count; i += Traits::kConsumerThreads) {
+    const int row = i / kChunks;
+    const int col = i % kChunks * 8;
+    st_global_16b(dk + row * bp.dk_stride.row + col, *reinterpret_cast<const uint4*>(&sK(row, col)));
+    st_global_16b(dv + row * bp.dv_stride.row + col, *reinterpret_cast<const uint4*>(&sV(row, col)));
+  }
+  // The next tile's K and V are written by TMA (the async proxy) over these generic writes.
+  cutlass::arch::fence_view_async_shared();
+}
+
+// kDkvT tiles that no query block sees: dK and dV rows below Lk (`rows`) are zeros.
+template <class Traits>
+__device__ void bwd_zero_dkv_tile(const BwdParams& bp, int64_t key0, int head_k, int rows,
+                                  int thread) {
+  using Element = typename Traits::Element;
+  constexpr int kChunks = Traits::kHeadDim / 8;
+  Element* dk = static_cast<Element*>(bp.dk) + key0 * bp.dk_stride.row + head_k * bp.dk_stride.head;
+  Element* dv = static_cast<Element*>(bp.dv) + key0 * bp.dv_stride.row + head_k * bp.dv_stride.head;
+  const int count = min(rows, Traits::kBlockN) * kChunks;
+  for (int i = thread; i < count; i += Traits::kConsumerThreads) {
+    const int row = i / kChunks;
+    const int col = i % kChunks * 8;
+    st_global_16b(dk + row * bp.dk_stride.row + col, make_uint4(0, 0, 0, 0));
+    st_global_16b(dv + row * bp.dv_stride.row + col, make_uint4(0, 0, 0, 0));
+  }
+}
+
 // Stores this thread's dQ fragment, (rows, cols) of the (M, D) block, into a dQ buffer
 // (kDqSwizzleRows = S). The thread's elements lie on rows that differ by multiples of 8 and in
 // 8-column chunks at the same offset, so one XOR pattern (row % S) serves them all: the
@@ -776,6 +893,16 @@ __device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer
       const uint32_t offset = dr * kHeadDim + (dc ^ swizzle);
       st_shared_f32x2(base + offset * sizeof(float), make_float2(dq_acc(r, c), dq_acc(r, c + 1)));
     }
+  }
+}
+
+// The A (kA) or B operand fragment of a tensor for an MMA's thread slice.
+template <bool kA, class Slice, class T>
+__device__ inline auto operand_fragment(Slice& slice, T&& tensor) {
+  if constexpr (kA) {
+    return slice.partition_fragment_A(tensor);
+  } else {
+    return slice.partition_fragment_B(tensor);
   }
 }
 
@@ -827,8 +954,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   auto desc_dq = mma_dq.get_thread_slice(wg_thread0);
 
   // dS^T goes to smem with stmatrix: in the (keys, queries) view the queries are contiguous,
-  // i.e. the accumulator's rows are stored row-major (the non-transposed stmatrix).
-  auto copy_ds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+  // i.e. the accumulator's rows are stored row-major (the non-transposed stmatrix); kDkvT's
+  // (queries, keys) accumulator is stored transposed to the same layout.
+  using StsmPdS = conditional_t<Traits::kDkvT, SM90_U16x8_STSM_T, SM90_U32x4_STSM_N>;
+  auto copy_ds = make_tiled_copy_C(Copy_Atom<StsmPdS, Element>{}, mma_sdp);
   auto thr_copy_ds = copy_ds.get_thread_slice(thread);
 
   // dQ: this warpgroup's half of the (M, D) block (rows or columns, see TiledMmadQ).
@@ -837,15 +966,17 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
 
   // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x M queries),
-  // dV and dK (64 keys x D), fp32.
+  // dV and dK (64 keys x D), fp32. kDkvT: S / P and dP / dS (64 queries x the warpgroup's 48
+  // keys), dV^T and dK^T (D x 48 keys).
   Tensor tSrS = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
   Tensor tdPrdP = partition_fragment_C(mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
   Tensor tdVrdV = partition_fragment_C(mma_dkv, select<0, 1>(typename Traits::TileShapedKV{}));
   Tensor tdKrdK = partition_fragment_C(mma_dkv, select<0, 1>(typename Traits::TileShapedKV{}));
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeSdP{})));
   Tensor tdKcdK = thr_dkv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapedKV{})));
-  Tensor scores = make_tensor(tSrS.data(), accum_rowcol(tSrS.layout()));    // (keys, queries)
-  Tensor dpt = make_tensor(tdPrdP.data(), accum_rowcol(tdPrdP.layout()));   // (keys, queries)
+  // (keys, queries) views; kDkvT: (queries, keys).
+  Tensor scores = make_tensor(tSrS.data(), accum_rowcol(tSrS.layout()));
+  Tensor dpt = make_tensor(tdPrdP.data(), accum_rowcol(tdPrdP.layout()));
   Tensor scores_coord = make_tensor(tScS.data(), accum_rowcol(tScS.layout()));
   // P^T and dS^T in the input precision, laid out as register A operands.
   Tensor tPrP = make_tensor_like<Element>(tSrS);
@@ -929,13 +1060,16 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor odS = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdS{});
           Tensor odSt = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdSt{});
           Tensor tdSsdS = thr_copy_ds.partition_D(odSt);  // (CPY, CPY_M, CPY_N, kDsBuffers)
-          // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage).
-          Tensor tSrK = desc_sdp.partition_fragment_A(oK);
-          Tensor tSrV = desc_sdp.partition_fragment_A(oV);
-          Tensor tSrQ = desc_sdp.partition_fragment_B(oQ);     // (MMA, MMA_N, MMA_K, stages)
-          Tensor tSrdO = desc_sdp.partition_fragment_B(odO);
-          Tensor tdVrdOt = desc_dkv.partition_fragment_B(odOt);  // (MMA, MMA_N, MMA_K, stages)
-          Tensor tdKrQt = desc_dkv.partition_fragment_B(oQt);
+          // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage); dV / dK:
+          // B = dO^T / Q^T. kDkvT the other way round: S and dP with A = Q / dO, B = the
+          // warpgroup's K / V rows; dV^T / dK^T with A = dO^T / Q^T.
+          constexpr bool kT = Traits::kDkvT;
+          Tensor tSrK = operand_fragment<!kT>(desc_sdp, oK);
+          Tensor tSrV = operand_fragment<!kT>(desc_sdp, oV);
+          Tensor tSrQ = operand_fragment<kT>(desc_sdp, oQ);  // (MMA, MMA_N or M, MMA_K, stages)
+          Tensor tSrdO = operand_fragment<kT>(desc_sdp, odO);
+          Tensor tdVrdOt = operand_fragment<kT>(desc_dkv, odOt);  // (MMA, MMA_N or M, MMA_K, stages)
+          Tensor tdKrQt = operand_fragment<kT>(desc_dkv, oQt);
           Tensor tdQrdS = desc_dq.partition_fragment_A(odS);  // (MMA, MMA_M, MMA_K, kDsBuffers)
           Tensor tdQrK = desc_dq.partition_fragment_B(oKt);   // (MMA, MMA_N, MMA_K)
           // Stage "load": Q, dO, LSE and D of the block landed (producer).
@@ -948,8 +1082,55 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             cutlass::arch::fence_view_async_shared();
             bwd_consumers_sync();
           }
-          if constexpr (Traits::kSplitD) {
-            // D = 192 and 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
+          if constexpr (Traits::kDkvT) {
+            // D = 192 (BwdTraits::kDkvT). Stage "S, dP": the block's 64 queries against this
+            // warpgroup's 48 keys; P is computed as soon as S lands.
+            warpgroup_gemm_issue<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
+            warpgroup_gemm_issue<true>(mma_sdp, tSrdO(_, _, _, stage), tSrV, tdPrdP);
+            const auto lse = bwd_load_query_values<true>(so.lse[stage], scores_coord);
+            warpgroup_wait<1>();
+            fence_after_wait(tSrQ, tSrS);
+            bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
+                                      params.softcap_scale);
+            const auto dpsum = bwd_load_query_values<true>(so.dpsum[stage], scores_coord);
+            warpgroup_wait<0>();  // dP landed
+            fence_after_wait(tSrdO, tdPrdP);
+            bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
+                           params.scale_log2, lse);
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+            // Stage "P, dS hand-off": this warpgroup's 48 key columns of both, transposed to
+            // the queries-contiguous tiles, once both warpgroups' dQ products of the previous
+            // block have read dS; the meeting puts both halves there (dQ needs all 96 keys).
+            wait_barrier(&ss.ds_free, ds_free_phase);
+            ds_free_phase ^= 1;
+            Tensor oP = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdS{});
+            Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
+            copy(copy_ds, thr_copy_ds.retile_S(tPrP), thr_copy_ds.partition_D(oP)(_, _, _, 0));
+            copy(copy_ds, tdSrdS_copy, thr_copy_ds.partition_D(odS)(_, _, _, 0));
+            cutlass::arch::fence_view_async_shared();
+            bwd_consumers_sync();
+            // Stage "dV, dK, dQ": dV^T and dK^T of this warpgroup's keys (B = its P / dS
+            // columns, K-major in the (keys, queries) view), then its half of dQ's head dim.
+            // The stage's Q and dO are released as soon as dV^T and dK^T are done, so that the
+            // producer loads the next block's while dQ runs and is handed off.
+            Tensor tdVrP = desc_dkv.partition_fragment_B(oPt);    // (MMA, MMA_N, MMA_K, 1)
+            Tensor tdKrdS = desc_dkv.partition_fragment_B(odSt);
+            warpgroup_gemm_issue<false>(mma_dkv, tdVrdOt(_, _, _, stage), tdVrP(_, _, _, 0), tdVrdV);
+            warpgroup_gemm_issue<false>(mma_dkv, tdKrQt(_, _, _, stage), tdKrdS(_, _, _, 0), tdKrdK);
+            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
+            warpgroup_wait<1>();  // dV^T and dK^T done: Q, dO and P are free
+            warpgroup_fence_operand(tdVrdV);
+            warpgroup_fence_operand(tdKrdK);
+            release_stage();
+            warpgroup_wait<0>();  // dQ done: dS is free
+            warpgroup_fence_operand(tdQrdQ);
+            cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
+            hand_off_dq();
+          } else if constexpr (Traits::kSplitD) {
+            // D = 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
             // against the tile's 64 keys; P^T is computed as soon as S^T lands.
             warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
             warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
@@ -961,7 +1142,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_wait<0>();  // dP^T landed
             fence_after_wait(tSrV, tdPrdP);
             bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
-                           keys_real, so.lse[stage], scores_coord, params.scale_log2);
+                           keys_real, so.lse[stage], scores_coord, params.scale_log2, lse);
             CUTLASS_PRAGMA_UNROLL
             for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
             CUTLASS_PRAGMA_UNROLL
@@ -1010,13 +1191,13 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
               warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
               fence_after_wait(tSrV, tdPrdP);
               bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
-                             params.scale_log2);
+                             params.scale_log2, lse);
             } else {
               warpgroup_wait<0>();  // dP^T landed
               fence_after_wait(tSrV, tdPrdP);
               // Loaded only now: 32 more live registers before the wait spilled.
               bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
-                             keys_real, so.lse[stage], scores_coord, params.scale_log2);
+                             keys_real, so.lse[stage], scores_coord, params.scale_log2, lse);
             }
             CUTLASS_PRAGMA_UNROLL
             for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
@@ -1051,11 +1232,18 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
         }
       }
       ++kv_loads;
+      if constexpr (Traits::kDkvT) {
+        bwd_store_dkv_staged<Traits>(bp, mma_dkv, tdKrdK, tdVrdV, ss, rec.k_start + int64_t{n0},
+                                     head_k, mask.len_k - n0, thread);
+      }
       cutlass::arch::ClusterBarrier::arrive(&ss.kv_empty);
+    } else if constexpr (Traits::kDkvT) {
+      bwd_zero_dkv_tile<Traits>(bp, rec.k_start + int64_t{n0}, head_k, mask.len_k - n0, thread);
     }
-
-    bwd_store_dkv<Traits>(bp, tdKrdK, tdVrdV, tdKcdK, rec.k_start + int64_t{n0}, head_k,
-                          mask.len_k - n0);
+    if constexpr (!Traits::kDkvT) {
+      bwd_store_dkv<Traits>(bp, tdKrdK, tdVrdV, tdKcdK, rec.k_start + int64_t{n0}, head_k,
+                            mask.len_k - n0);
+    }
   }
 }
 
