@@ -1,8 +1,8 @@
 // Backward main kernel: warp-specialised, persistent, TMA + wgmma (sm_90a).
 //
-// A tile is (key block of kBlockN = 128 rows, kv head). K and V stay in shared memory while
-// the tile loops over the query heads of the kv head's group and, for each, over the query
-// blocks of kBlockM rows (64 at D = 128, 128 at D = 64) that can see the key block
+// A tile is (key block of kBlockN = 128 rows (D <= 128), kv head). K and V stay in shared
+// memory while the tile loops over the query heads of the kv head's group and, for each, over
+// the query blocks of kBlockM rows (64 at D = 128, 128 at D = 64) that can see the key block
 // (MaskInfo::query_begin). Per query block, with warpgroup w owning keys [64w, 64w + 64):
 //   S^T  = K Q^T,  P^T = exp2(S^T * scale_log2 - lse_log2)       (masked entries exactly 0)
 //   dP^T = V dO^T, dS^T = P^T * (dP^T - D)                        (D = rowsum(dO * O))
@@ -14,6 +14,9 @@
 //                  write a store, the others reductions), so the compute warpgroups never
 //                  wait on it
 // dK and dV (summed over the group's query heads) are written once per tile.
+// D = 192 and 256 change the step (their dK and dV do not fit in registers per 64 keys):
+// D = 256 splits the head dim between the warpgroups (BwdTraits::kSplitD), D = 192 takes 96
+// keys per tile and computes dK^T and dV^T (BwdTraits::kDkvT).
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
 // Q and dO per query block through a kStages pipeline, with that block's LSE and D as bulk
