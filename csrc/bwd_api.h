@@ -32,15 +32,20 @@ struct BwdParams {
 // so that a block's MMA work amortises its exponentials' fixed costs and its dQ reduction
 // over twice the pairs; D >= 128 takes 64 (the accumulators fill the registers at 64).
 __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+// D = 96: one compute warpgroup computes the whole dQ block (BwdTraits::kDqSingleWg), 64 x 96
+// in one product of N = 96, instead of two column halves of 48.
+__host__ __device__ constexpr bool bwd_dq_single_warpgroup(int head_dim) { return head_dim == 96; }
 // The dQ accumulator's permutation (BwdWorkspace): the 8-float chunks of row r are stored at
 // chunk ^ (r % S), S = bwd_dq_swizzle_rows: rows r .. r + S - 1 on distinct banks. S is the
 // largest of 8, 4, 2 that keeps the XOR off the bits of the column where a warpgroup's share
-// of dQ starts (bwd_store_dq): 0 (D = 64, split by rows) or D/2, so 4 at D = 192 (96) and 2
-// at D = 96 (48).
+// of dQ starts (bwd_store_dq) and inside its width: 0 and D (D = 64, split by rows; D = 96,
+// one warpgroup) or D/2 and D/2, so 4 at D = 192 (96) and at D = 96 (12 chunks).
 __host__ __device__ constexpr int bwd_dq_swizzle_rows(int head_dim) {
-  const int first_col = head_dim <= 64 ? 0 : head_dim / 2;
+  const bool whole_rows = head_dim <= 64 || bwd_dq_single_warpgroup(head_dim);
+  const int first_col = whole_rows ? 0 : head_dim / 2;
+  const int width = whole_rows ? head_dim : head_dim / 2;
   int rows = 8;
-  while (rows > 1 && first_col % (8 * rows) != 0) rows /= 2;
+  while (rows > 1 && (first_col % (8 * rows) != 0 || width % (8 * rows) != 0)) rows /= 2;
   return rows;
 }
 // Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64

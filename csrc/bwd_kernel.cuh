@@ -140,13 +140,22 @@ struct BwdTraits {
   // 128 query rows: warpgroup w owns rows [64 w, 64 w + 64). 64 query rows: warpgroup w owns
   // columns [D/2 w, D/2 w + D/2) (at D = 64 a half would be too narrow for a 128-byte
   // swizzled MN-major operand, hence D = 64's 128 rows).
+  // D = 96 (kDqSingleWg): warpgroup kDqWarpgroup computes all of it (64 x 96), the other none:
+  // one product of N = 96 reads dS once instead of twice, and the dQ hand-off is that
+  // warpgroup's alone. Warpgroup 1, which the stagger starts later, so that the other runs
+  // its next S^T and exponentials meanwhile.
   static constexpr bool kDqSplitRows = kBlockM == 128;
-  static_assert(kDqSplitRows || (kHeadDim / 2) % 16 == 0, "dQ's column halves are whole atoms");
+  static constexpr bool kDqSingleWg = bwd_dq_single_warpgroup(kHeadDim);
+  static constexpr int kDqWarpgroup = 1;
+  static constexpr int kDqThreads = kDqSingleWg ? 128 : 256;  // threads that hold dQ
+  static constexpr int kDqCols = kDqSplitRows || kDqSingleWg ? kHeadDim : kHeadDim / 2;
+  static_assert(kDqCols % 16 == 0, "a warpgroup's dQ columns are whole atoms");
   using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float,
-                           Shape<_64, Int<kDqSplitRows ? kHeadDim : kHeadDim / 2>, Int<kBlockN>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
-      conditional_t<kDqSplitRows, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>{}));
+      conditional_t<kDqSplitRows, Layout<Shape<_2, _1, _1>>,
+                    conditional_t<kDqSingleWg, Layout<Shape<_1, _1, _1>>,
+                                  Layout<Shape<_1, _2, _1>>>>{}));
   // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
   // permuted by chunk ^ (r % kDqSwizzleRows) (bwd_dq_swizzle_rows): the rows an accumulator
   // fragment store spans land on different banks, and the block is one contiguous range,
@@ -186,7 +195,7 @@ struct BwdTraits {
       conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
                     GMMA::Layout_K_SW32_Atom<Element>>>;
   using SmemAtomQ = SwizzleAtom<kSplitD ? kHeadDim / 2 : kHeadDim>;
-  using SmemAtomK = SwizzleAtom<kDqSplitRows ? kHeadDim : kHeadDim / 2>;
+  using SmemAtomK = SwizzleAtom<kDqCols>;
   using SmemLayoutQ = decltype(tile_to_shape(
       SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
   using SmemLayoutQt = decltype(composition(
@@ -883,7 +892,7 @@ __device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer
   Tensor coord0 = make_tensor(cdQ0.data(), accum_rowcol(cdQ0.layout()));
   const int row0 = get<0>(coord(0, 0));
   const int col0 = get<1>(coord(0, 0));
-  static_assert((Traits::kDqSplitRows ? kHeadDim : kHeadDim / 2) % (8 * Traits::kDqSwizzleRows) == 0,
+  static_assert(Traits::kDqCols % (8 * Traits::kDqSwizzleRows) == 0,
                 "a warpgroup's first dQ column must be a multiple of 8 kDqSwizzleRows");
   const int swizzle = (row0 % Traits::kDqSwizzleRows) * 8;
   const uint32_t base = smem_address(buffer) + (row0 * kHeadDim + col0) * sizeof(float);
@@ -954,7 +963,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   const int wg_thread0 = warpgroup * 128;
   auto desc_sdp = mma_sdp.get_thread_slice(wg_thread0);
   auto desc_dkv = mma_dkv.get_thread_slice(wg_thread0);
-  auto desc_dq = mma_dq.get_thread_slice(wg_thread0);
+  auto desc_dq = mma_dq.get_thread_slice(Traits::kDqSingleWg ? 0 : wg_thread0);
+  // This thread in mma_dq, and whether its warpgroup computes dQ (kDqSingleWg).
+  const int dq_thread = Traits::kDqSingleWg ? thread % 128 : thread;
+  const bool dq_here = !Traits::kDqSingleWg || warpgroup == Traits::kDqWarpgroup;
 
   // dS^T goes to smem with stmatrix: in the (keys, queries) view the queries are contiguous,
   // i.e. the accumulator's rows are stored row-major (the non-transposed stmatrix); kDkvT's
@@ -965,7 +977,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
 
   // dQ: this warpgroup's half of the (M, D) block (rows or columns, see TiledMmadQ).
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  static_assert(decltype(size(tdQrdQ))::value * 256 == kBlockM * kHeadDim);
+  static_assert(decltype(size(tdQrdQ))::value * Traits::kDqThreads == kBlockM * kHeadDim);
   Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
 
   // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x M queries),
@@ -999,7 +1011,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   // writer, once it has read the previous block out.
   auto hand_off_dq = [&] {
     wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-    bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], thread);
+    bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], dq_thread);
     cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
     cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
     if (++dq_buffer == Traits::kDqBuffers) {
@@ -1220,14 +1232,23 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_consumers_sync();  // both halves of dS are in smem
             // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
             // dK += dS^T Q (dS^T from registers) runs.
-            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
-            warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
-            warpgroup_wait<1>();  // dV and dQ done; dK may still run
-            fence_after_wait(tPrP_a, tdVrdV);
-            warpgroup_fence_operand(tdQrdQ);
-            if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
-            if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
-            hand_off_dq();
+            // kDqSingleWg: the warpgroup without dQ issues dK alone (separate paths: with the
+            // dQ issue and hand-off under conditions on one path, ptxas serialised the wgmma).
+            auto issue_dk = [&] {
+              warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+              warpgroup_wait<1>();  // dV (and dQ) done; dK may still run
+              fence_after_wait(tPrP_a, tdVrdV);
+              warpgroup_fence_operand(tdQrdQ);
+              if constexpr (Traits::kDsBuffers == 1) cutlass::arch::ClusterBarrier::arrive(&ss.ds_free);
+              if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
+            };
+            if (dq_here) {
+              warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
+              issue_dk();
+              hand_off_dq();
+            } else {
+              issue_dk();
+            }
             warpgroup_wait<0>();  // dK done: the stage's Q and dO are free
             fence_after_wait(tdSrdS_a, tdKrdK);
             release_stage();
@@ -1268,7 +1289,7 @@ __device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& p
     cutlass::arch::ClusterTransactionBarrier::init(&ss.kv_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.kv_empty, Traits::kConsumerThreads);
     for (int b = 0; b < Traits::kDqBuffers; ++b) {
-      cutlass::arch::ClusterBarrier::init(&ss.dq_full[b], Traits::kConsumerThreads);
+      cutlass::arch::ClusterBarrier::init(&ss.dq_full[b], Traits::kDqThreads);
       cutlass::arch::ClusterBarrier::init(&ss.dq_empty[b], 1);
     }
     for (int j = 0; j < Traits::kDqJobs; ++j) {
