@@ -186,9 +186,9 @@ struct BwdTraits {
   // Shared-memory tiles of Q, dO (SmemAtomQ) and K, V (SmemAtomK): rows swizzled over 128,
   // 64 or 32 bytes (atoms of 64, 32 or 16 elements), the widest whose atoms tile every column
   // range a warpgroup's product reads as an MN-major operand: dO^T / Q^T in dV / dK (all of
-  // D, its half with kSplitD, 64-row atoms of D with kDkvT), K^T in dQ (D or D/2,
+  // D, its half with kSplitD, 64-row atoms of D with kDkvT), K^T in dQ (kDqCols,
   // TiledMmadQ). So 128 bytes at D = 64, 128, 256 and for Q and dO at D = 192; 64 for K at
-  // D = 192 (halves of 96); at D = 96, 64 for Q and dO (96) and 32 for K (48).
+  // D = 192 (halves of 96) and for everything at D = 96.
   template <int kCols>
   using SwizzleAtom = conditional_t<
       kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
