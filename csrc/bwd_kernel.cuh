@@ -33,10 +33,6 @@
 // products), and P, dS, LSE and D of such rows are set by select, never by a product.
 #pragma once
 
-// N = 48 (D = 192's 48 keys per warpgroup, D = 96's dQ halves) needs CuTe's extended wgmma
-// shapes; without it CuTe picks three 64 x 16 atoms per k-step. The other shapes select the
-// same atoms with or without it.
-#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -932,6 +928,9 @@ __device__ inline void bwd_issue_dv(TiledMma& mma_dkv, const AccS& tSrS, FragP& 
 template <class Traits>
 __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss) {
+  static_assert(kExtendedGmmaShapes || !Traits::kDkvT,
+                "D = 192's N = 48 products need CuTe's extended wgmma shapes (gemm.h): its "
+                "instantiation files define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED");
   const auto [num_block_tiles, num_tiles] = bwd_tile_counts(params.bp, params.ws);
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;

@@ -15,9 +15,6 @@
 // producer hands each over with its work record.
 #pragma once
 
-// N = 176 key columns per block (D=128, long sequences) needs CuTe's extended wgmma shapes;
-// the other shapes select the same atoms with or without it.
-#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -333,6 +330,9 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
                              typename Traits::SharedStorage& ss,
                              typename Traits::PipelineKV& pipeline_k,
                              typename Traits::PipelineKV& pipeline_v, int num_tiles) {
+  static_assert(kExtendedGmmaShapes || Traits::kBlockN == 128,
+                "this key block needs CuTe's extended wgmma shapes (gemm.h): its instantiation "
+                "file defines CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED");
   using Element = typename Traits::Element;
   using PipelineState = cutlass::PipelineState<Traits::kStages>;
   constexpr int kBlockM = Traits::kBlockM;

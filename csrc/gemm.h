@@ -7,6 +7,17 @@ namespace prefixlm {
 
 using namespace cute;
 
+// CuTe's extended wgmma shapes (N = 48, 80, 112, 176, ...): without them CuTe builds such an
+// N from several narrower atoms per k-step, silently. Their headers add ~16 s of front-end
+// time to every file that includes them, so only the instantiation files whose tiles need
+// them define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (before any include); the kernels assert
+// it where they need it.
+#if defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
+inline constexpr bool kExtendedGmmaShapes = true;
+#else
+inline constexpr bool kExtendedGmmaShapes = false;
+#endif
+
 // `v` as lane 0 of the warp holds it, for a value every lane already holds (a tile index, a
 // warpgroup index): after the broadcast the compiler knows it is warp-uniform, so addresses
 // and wgmma descriptors derived from it are built in uniform registers. Derived from
