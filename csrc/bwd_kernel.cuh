@@ -208,6 +208,9 @@ struct BwdTraits {
   using SmemLayoutdSt = decltype(composition(
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsBuffers>>{},
                                           Step<_2, _1, _3>{})));  // (N, M, kDsBuffers)
+  // The same tile in the orientation of the S / dP accumulators, which stmatrix writes from:
+  // (N, M), or (M, N) with kDkvT.
+  using SmemLayoutPdSAcc = conditional_t<kDkvT, SmemLayoutdS, SmemLayoutdSt>;
 
   // Global tensors as TMA sees them: (rows, D, heads), rows and heads strided.
   using GmemShape = Shape<int32_t, int32_t, int32_t>;
@@ -1027,6 +1030,22 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     }
   };
 
+  // Stage "P, dS hand-off" (kPInSmem): both in the input precision to shared memory (tPsP,
+  // tdSsdS: this thread's part of the tiles, SmemLayoutPdSAcc), once both warpgroups'
+  // products of the previous block have read them; the meeting puts both halves there.
+  auto hand_off_p_ds = [&](auto&& tPsP, auto&& tdSsdS) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
+    wait_barrier(&ss.ds_free, ds_free_phase);
+    ds_free_phase ^= 1;
+    copy(copy_ds, thr_copy_ds.retile_S(tPrP), tPsP(_, _, _, 0));
+    copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, 0));
+    cutlass::arch::fence_view_async_shared();
+    bwd_consumers_sync();
+  };
+
   for (int k = 0;; ++k) {
     // The record comes from global memory, not through the hand-off: the producer warp has
     // 24 registers, too few to hold it across the hand-off (D=128 spilled), and a backward
@@ -1073,7 +1092,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor oV = make_tensor(make_smem_ptr(so.v.data()), typename Traits::SmemLayoutK{});
           Tensor odS = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdS{});
           Tensor odSt = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdSt{});
-          Tensor tdSsdS = thr_copy_ds.partition_D(odSt);  // (CPY, CPY_M, CPY_N, kDsBuffers)
+          Tensor tdSsdS = thr_copy_ds.partition_D(make_tensor(
+              make_smem_ptr(so.ds.data()),
+              typename Traits::SmemLayoutPdSAcc{}));  // (CPY, CPY_M, CPY_N, kDsBuffers)
+          Tensor tPsP = thr_copy_ds.partition_D(make_tensor(
+              make_smem_ptr(so.p.data()), typename Traits::SmemLayoutPdSAcc{}));  // kPInSmem
           // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage); dV / dK:
           // B = dO^T / Q^T. kDkvT the other way round: S and dP with A = Q / dO, B = the
           // warpgroup's K / V rows; dV^T / dK^T with A = dO^T / Q^T.
@@ -1111,21 +1134,10 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             fence_after_wait(tSrdO, tdPrdP);
             bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
                            params.scale_log2, lse);
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
-            // Stage "P, dS hand-off": this warpgroup's 48 key columns of both, transposed to
-            // the queries-contiguous tiles, once both warpgroups' dQ products of the previous
-            // block have read dS; the meeting puts both halves there (dQ needs all 96 keys).
-            wait_barrier(&ss.ds_free, ds_free_phase);
-            ds_free_phase ^= 1;
-            Tensor oP = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdS{});
+            // This warpgroup's 48 key columns of P and dS, transposed to the
+            // queries-contiguous tiles (dQ needs all 96 keys).
+            hand_off_p_ds(tPsP, tdSsdS);
             Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
-            copy(copy_ds, thr_copy_ds.retile_S(tPrP), thr_copy_ds.partition_D(oP)(_, _, _, 0));
-            copy(copy_ds, tdSrdS_copy, thr_copy_ds.partition_D(odS)(_, _, _, 0));
-            cutlass::arch::fence_view_async_shared();
-            bwd_consumers_sync();
             // Stage "dV, dK, dQ": dV^T and dK^T of this warpgroup's keys (B = its P / dS
             // columns, K-major in the (keys, queries) view), then its half of dQ's head dim.
             // The stage's Q and dO are released as soon as dV^T and dK^T are done, so that the
@@ -1157,19 +1169,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             fence_after_wait(tSrV, tdPrdP);
             bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
                            keys_real, so.lse[stage], scores_coord, params.scale_log2, lse);
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < size(tdPrdP); ++i) tdSrdS(i) = Element(tdPrdP(i));
-            // Stage "P, dS hand-off": both to shared memory, once both warpgroups' products of
-            // the previous block have read them; the meeting puts both halves there.
-            wait_barrier(&ss.ds_free, ds_free_phase);
-            ds_free_phase ^= 1;
+            hand_off_p_ds(tPsP, tdSsdS);
             Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
-            copy(copy_ds, thr_copy_ds.retile_S(tPrP), thr_copy_ds.partition_D(oPt)(_, _, _, 0));
-            copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, 0));
-            cutlass::arch::fence_view_async_shared();
-            bwd_consumers_sync();
             // Stage "dQ, dV, dK": this warpgroup's half of the head dim of each, all three
             // read from shared memory; dQ first, so that it leaves registers for shared memory
             // while dV and dK run.
