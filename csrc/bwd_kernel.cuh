@@ -96,6 +96,11 @@ struct BwdTraits {
   // fp32 P^T, dP^T and a bf16 copy of P^T are never live together. D = 128 has room to issue
   // dV first and compute dS while it runs.
   static constexpr bool kDvBeforeDs = kBlockM == 64;
+  // Softcap with dV first from registers (D = 96, 128): the P stage, where t = tanh(S^T
+  // scale / c) is at hand, writes P^T straight to its input-precision copy for dV and leaves
+  // P^T (1 - t^2) in the fp32 accumulator, which is all dS needs (2 instructions per element
+  // instead of recovering t from P^T with a MUFU.LG2 and 4 more in the dS stage).
+  static constexpr bool kSoftcapInP = kSoftcap && kDvBeforeDs && !kPInSmem;
 
   // Warpgroups split the key rows (M) of the products below, or with kSplitD / kDkvT their N.
   using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;
@@ -688,33 +693,63 @@ __device__ inline int query_value_index(int r, int c) {
 // the pair or the query is at or past Lq. scores / coord: (keys, queries) views of the
 // accumulator and of its coordinates (kDkvT: (queries, keys)); lse: the LSE of each query
 // (bwd_load_query_values).
-// Softcap (kSoftcap): P^T = exp2(t * scale_log2 - LSE) with t = tanh(S^T * softcap_scale).
-template <class Traits, class Scores, class Coord, class Values>
+// Softcap (kSoftcap): P^T = exp2(t * scale_log2 - LSE) with t = tanh(S^T * softcap_scale);
+// kSoftcapInP: P^T goes to p_in (the (keys, queries) view of its input-precision copy) and
+// the accumulator keeps P^T (1 - t^2); the LSE is read from shared memory (lse_rows, the
+// block's rows) a column pair at a time, as bwd_ds does (the whole block's, 16 registers,
+// spilled beside t, P^T and 1 - t^2).
+template <class Traits, class Scores, class Coord, class Values, class PIn>
 __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, const Values& lse,
                                          const MaskInfo& mask, int m0, int n0,
-                                         float scale_log2, float softcap_scale) {
+                                         float scale_log2, float softcap_scale, PIn& p_in,
+                                         const float* lse_rows) {
   constexpr int kCols = decltype(size<1>(scores))::value;
-  auto prob = [&](float s, float row_lse) {
-    if constexpr (Traits::kSoftcap) s = tanh_approx(s * softcap_scale);
-    return exp2f(s * scale_log2 - row_lse);
+  using Element = typename Traits::Element;
+  float2 lse_pair = make_float2(0.f, 0.f);  // kSoftcapInP: column c's pair
+  auto next_column = [&](int c) {
+    if constexpr (Traits::kSoftcapInP) {
+      if (c % 2 == 0) lse_pair = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+    }
+  };
+  // The score of (r, c), capped: t (kSoftcap) or S^T itself.
+  auto capped = [&](int r, int c) {
+    return Traits::kSoftcap ? tanh_approx(scores(r, c) * softcap_scale) : scores(r, c);
+  };
+  auto prob = [&](int r, int c, float t) {
+    const float row_lse = !Traits::kSoftcapInP ? lse[query_value_index<Traits>(r, c)]
+                          : c % 2 == 0         ? lse_pair.x
+                                               : lse_pair.y;
+    return exp2f(t * scale_log2 - row_lse);
+  };
+  auto store = [&](int r, int c, float pv, float t) {
+    if constexpr (Traits::kSoftcapInP) {
+      p_in(r, c) = Element(pv);
+      scores(r, c) = pv * fmaf(-t, t, 1.f);
+    } else {
+      scores(r, c) = pv;
+    }
   };
   if (mask.block_fully_allowed(m0, m0 + Traits::kBlockM, n0, n0 + Traits::kBlockN)) {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
+      next_column(c);
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < size<0>(scores); ++r) {
-        scores(r, c) = prob(scores(r, c), lse[query_value_index<Traits>(r, c)]);
+        const float t = capped(r, c);
+        store(r, c, prob(r, c, t), t);
       }
     }
   } else {
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
+      next_column(c);
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < size<0>(scores); ++r) {
         const int j = n0 + coord_key<Traits>(coord, r, c);
         const int i = m0 + coord_query<Traits>(coord, r, c);
-        const float pv = prob(scores(r, c), lse[query_value_index<Traits>(r, c)]);
-        scores(r, c) = i < mask.len_q && mask.allowed(i, j) ? pv : 0.f;
+        const float t = capped(r, c);
+        const float pv = prob(r, c, t);
+        store(r, c, i < mask.len_q && mask.allowed(i, j) ? pv : 0.f, t);
       }
     }
   }
@@ -727,9 +762,11 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
 // select's two instructions per element are skipped (they sit between the dP wait and the dS
 // hand-off). dpt and p: (keys, queries) views of the dP^T and P^T accumulators (kDkvT:
 // (queries, keys)); dpsum: D of each query (bwd_load_query_values).
-// Softcap (kSoftcap): dS^T also takes the cap's derivative 1 - t^2, with t recovered from P^T
-// (t scale_log2 = log2 P^T + LSE, clamped to [-1, 1] so that P^T = 0 gives 0): one MUFU.LG2
-// per element instead of t kept in registers through the dP wait (D=64 spilled 1.2 KB). The
+// Softcap (kSoftcap, unless kSoftcapInP has folded it into P^T already): dS^T also takes the
+// cap's derivative 1 - t^2, with t recovered from P^T
+// (t = log2 P^T / scale_log2 + LSE / scale_log2, one FFMA; clamped at -1 so that P^T = 0 gives
+// 0): one MUFU.LG2 per element instead of t kept in registers through the dP wait (D=64
+// spilled 1.2 KB). The
 // LSE comes from shared memory (lse_rows, the block's rows) a column pair at a time: loaded
 // as a whole beforehand it spilled too (kDkvT: two per thread, from lse). scale_log2: the
 // softcap's c log2 e.
@@ -737,14 +774,24 @@ template <class Traits, class DP, class P, class Values, class Coord>
 __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real,
                               const float* lse_rows, const Coord& coord, float scale_log2,
                               const Values& lse) {
+  // kSoftcapInP: p already holds P^T (1 - t^2).
+  constexpr bool kRecoverT = Traits::kSoftcap && !Traits::kSoftcapInP;
+  const float inv_scale_log2 = 1.f / scale_log2;
+  float lse_scaled[Traits::kDkvT ? decltype(size<0>(dpt))::value : 1];  // kDkvT: per row
+  if constexpr (kRecoverT && Traits::kDkvT) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < size<0>(dpt); ++r) lse_scaled[r] = lse[r] * inv_scale_log2;
+  }
   // kSelect: P^T == 0 selects 0 (keys past Lk, see above).
   auto run = [&](auto select) {
     constexpr bool kSelect = decltype(select)::value;
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < size<1>(dpt); c += 2) {
+      // The LSE of the pair's queries over scale_log2 (t = log2 P^T / scale_log2 + that).
       float2 lse_pair = make_float2(0.f, 0.f);
-      if constexpr (Traits::kSoftcap && !Traits::kDkvT) {
+      if constexpr (kRecoverT && !Traits::kDkvT) {
         lse_pair = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+        lse_pair = make_float2(lse_pair.x * inv_scale_log2, lse_pair.y * inv_scale_log2);
       }
       CUTLASS_PRAGMA_UNROLL
       for (int cc = c; cc < c + 2; ++cc) {
@@ -752,11 +799,13 @@ __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool key
         for (int r = 0; r < size<0>(dpt); ++r) {
           const float pv = p(r, cc);
           float factor = pv;
-          if constexpr (Traits::kSoftcap) {
-            const float row_lse = Traits::kDkvT ? lse[r] : (cc == c ? lse_pair.x : lse_pair.y);
-            float t = (__log2f(pv) + row_lse) * (1.f / scale_log2);
-            t = fminf(fmaxf(t, -1.f), 1.f);
-            factor = pv * (1.f - t * t);
+          if constexpr (kRecoverT) {
+            const float row_lse = Traits::kDkvT ? lse_scaled[r]
+                                                : (cc == c ? lse_pair.x : lse_pair.y);
+            // Only the lower clamp matters: above 1, t exceeds it by rounding only and
+            // 1 - t^2 stays within rounding of 0.
+            const float t = fmaxf(fmaf(__log2f(pv), inv_scale_log2, row_lse), -1.f);
+            factor = pv * fmaf(-t, t, 1.f);
           }
           const float ds = factor * (dpt(r, cc) - dpsum[query_value_index<Traits>(r, cc)]);
           dpt(r, cc) = !kSelect || pv != 0.f ? ds : 0.f;
@@ -918,13 +967,17 @@ __device__ inline auto operand_fragment(Slice& slice, T&& tensor) {
 }
 
 // Stage "dV": P^T (fp32 accumulator tSrS) converted to the input type (tPrP, viewed as the
-// register A operand tPrP_a), then dV += P^T dO issued; the caller waits for it.
-template <class TiledMma, class AccS, class FragP, class FragPA, class FragB, class AccdV>
+// register A operand tPrP_a; kSoftcapInP: already there), then dV += P^T dO issued; the
+// caller waits for it.
+template <class Traits, class TiledMma, class AccS, class FragP, class FragPA, class FragB,
+          class AccdV>
 __device__ inline void bwd_issue_dv(TiledMma& mma_dkv, const AccS& tSrS, FragP& tPrP,
                                     FragPA& tPrP_a, const FragB& tdVrdOt, AccdV& tdVrdV) {
   using Element = typename FragP::value_type;
-  CUTLASS_PRAGMA_UNROLL
-  for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+  if constexpr (!Traits::kSoftcapInP) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
+  }
   warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt, tdVrdV);
 }
 
@@ -998,6 +1051,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   // P^T and dS^T in the input precision, laid out as register A operands.
   Tensor tPrP = make_tensor_like<Element>(tSrS);
   Tensor tPrP_a = make_tensor(tPrP.data(), accum_as_operand_a(tPrP.layout()));
+  Tensor p_in = make_tensor(tPrP.data(), accum_rowcol(tPrP.layout()));  // as `scores`
   Tensor tdSrdS = make_tensor_like<Element>(tdPrdP);
   Tensor tdSrdS_a = make_tensor(tdSrdS.data(), accum_as_operand_a(tdSrdS.layout()));
   Tensor tdSrdS_copy = thr_copy_ds.retile_S(tdSrdS);  // (CPY, CPY_M, CPY_N)
@@ -1128,7 +1182,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_wait<1>();
             fence_after_wait(tSrQ, tSrS);
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
-                                      params.softcap_scale);
+                                      params.softcap_scale, p_in, so.lse[stage]);
             const auto dpsum = bwd_load_query_values<true>(so.dpsum[stage], scores_coord);
             warpgroup_wait<0>();  // dP landed
             fence_after_wait(tSrdO, tdPrdP);
@@ -1164,7 +1218,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
-                                      params.softcap_scale);
+                                      params.softcap_scale, p_in, so.lse[stage]);
             warpgroup_wait<0>();  // dP^T landed
             fence_after_wait(tSrV, tdPrdP);
             bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
@@ -1198,11 +1252,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_stagger_release(warpgroup);
 
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
-                                      params.softcap_scale);
+                                      params.softcap_scale, p_in, so.lse[stage]);
             if constexpr (Traits::kDvBeforeDs) {
               const auto dpsum = bwd_load_query_values(so.dpsum[stage], scores_coord);
               // Stage "dV": dV += P^T dO, P^T from registers, runs while dS is computed.
-              bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+              bwd_issue_dv<Traits>(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
               warpgroup_wait<1>();  // dP^T landed; dV += P^T dO may still run
               fence_after_wait(tSrV, tdPrdP);
               bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
@@ -1227,7 +1281,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             if constexpr (!Traits::kDvBeforeDs) {
               // Stage "dV" (see kDvBeforeDs), after the dS store: the other warpgroup, waiting at
               // the meeting for this half of dS, is not kept waiting for it; it runs meanwhile.
-              bwd_issue_dv(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
+              bwd_issue_dv<Traits>(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
             }
             bwd_consumers_sync();  // both halves of dS are in smem
             // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
