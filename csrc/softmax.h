@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include <cuda_bf16.h>
+
 #include <cute/tensor.hpp>
 
 namespace prefixlm {
@@ -27,24 +29,64 @@ __device__ inline float quad_allreduce_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
-template <int kRows>
+// kFixedMax: the reference every row's exponentials are taken against is a constant
+// (`fixed_max`, in score units) instead of the running row maximum, which is then never
+// computed and the output never rescaled. Only for scores bounded on both sides, whose
+// exponentials all fit the float range against that constant: the softcap's (fwd_launch.cuh).
+template <int kRows, bool kFixedMax = false>
 struct OnlineSoftmax {
   float row_max[kRows];  // raw scores (before scaling); -inf while a row has seen no key
+                         // (kFixedMax: the constant reference)
   float row_sum[kRows];  // this thread's partial sum; reduced over the quad in finalize()
   float scale_log2;      // softmax_scale * log2(e), > 0
 
-  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+  __device__ explicit OnlineSoftmax(float scale_log2_, float fixed_max = 0.f)
+      : scale_log2(scale_log2_) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      row_max[r] = -INFINITY;
+      row_max[r] = kFixedMax ? fixed_max : -INFINITY;
       row_sum[r] = 0.f;
     }
   }
 
   // scores: (kRows, cols) fp32, masked entries already -inf. Turns scores into unnormalised
-  // probabilities and returns, per row, the factor the output accumulator must be scaled by.
+  // probabilities and returns, per row, the factor the output accumulator must be scaled by
+  // (kFixedMax: 1, not written).
   template <class TensorS>
   __device__ void update(TensorS& scores, float (&rescale)[kRows]) {
+    if constexpr (kFixedMax) {
+      update_fixed(scores);
+    } else {
+      update_running(scores, rescale);
+    }
+  }
+
+  // The row sums add P as the P V product will see it, rounded to bf16 (the only type with
+  // kFixedMax): against a row maximum, the largest P is exactly 1 and a row with one key
+  // gives O = V exactly; against a fixed reference every P is rounded, and only weights that
+  // sum to what they multiply keep that (SPEC.md's precision rule measured 1 bf16 ulp off
+  // on such rows otherwise).
+  template <class TensorS>
+  __device__ void update_fixed(TensorS& scores) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float m_scaled = row_max[r] * scale_log2;
+      float sum = row_sum[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < size<1>(scores); c += 2) {
+        const float p0 = exp2f(scores(r, c) * scale_log2 - m_scaled);
+        const float p1 = exp2f(scores(r, c + 1) * scale_log2 - m_scaled);
+        const __nv_bfloat162 rounded = __floats2bfloat162_rn(p0, p1);
+        scores(r, c) = p0;
+        scores(r, c + 1) = p1;
+        sum += __low2float(rounded) + __high2float(rounded);
+      }
+      row_sum[r] = sum;
+    }
+  }
+
+  template <class TensorS>
+  __device__ void update_running(TensorS& scores, float (&rescale)[kRows]) {
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float m = row_max[r];

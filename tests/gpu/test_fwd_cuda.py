@@ -103,6 +103,25 @@ def test_forward_softcap(mode, window, head_dim, dtype):
     check_forward(b)
 
 
+@pytest.mark.parametrize("softcap", [50.0, 54.0, 60.0])
+@pytest.mark.parametrize("head_dim", [128, 192, 256])
+def test_forward_softcap_saturated_scores(softcap, head_dim):
+    """At D=192 and 256, bf16 with a softcap up to 54 takes a fixed softmax reference instead
+    of the row maximum (csrc/fwd_launch.cuh), otherwise the running maximum: scores pushed to
+    both ends of the cap (every key near one direction u, a third of the queries along -u, a
+    third along +u) reach the smallest and largest exponentials that reference allows."""
+    b = mixed_batch(int(softcap) + head_dim, "prefixlm", cross=True, heads=2, heads_k=1,
+                    head_dim=head_dim, dtype=torch.bfloat16, device=DEVICE, softcap=softcap)
+    u = torch.randn(head_dim, device=DEVICE)
+    u = u / u.norm() * head_dim ** 0.5
+    b.k.copy_((u + 0.3 * torch.randn_like(b.k, dtype=torch.float32)).to(b.k.dtype))
+    rows = torch.arange(b.q.shape[0], device=DEVICE) % 3
+    sign = torch.where(rows == 0, -1.0, torch.where(rows == 1, 1.0, 0.0)).view(-1, 1, 1)
+    q = sign * 20 * u + torch.randn_like(b.q, dtype=torch.float32)
+    b.q.copy_(q.to(b.q.dtype))
+    check_forward(b)
+
+
 @pytest.mark.parametrize("mode", ("causal", "prefixlm"))
 @pytest.mark.parametrize("lengths,rows", [((0, 1, 113, 239, 1023), 128),
                                           ((1, 700, 1300, 2900, 4224), 192)])
