@@ -65,6 +65,11 @@ struct FwdTraits {
   // 2.4x at D=256 with N=80). Measured +6-8% (D=192) and +9-16% (D=256); at D=96 and 128
   // equal (the rounded row sums cost what the rest saves), at D=64 4% slower. fp16's P range
   // (65504) leaves no room for it.
+  // The running maximum's O rescale is an FMUL per O element per block whichever row moved;
+  // at D=192 and 256 (D/2 = 96 / 128 per thread against 56 / 40 exponentials) it is skipped
+  // for a warp none of whose rows moved its reference (OnlineSoftmax kLazyRescale). Not in
+  // the window / softcap kernels: with the window's bounds live too they spilled 36-268 B.
+  static constexpr bool kLazyRescale = kHeadDim >= 192 && !kWindow;
   static constexpr bool kFixedMaxBuilt =
       kSoftcap && cute::is_same_v<Element_, cutlass::bfloat16_t> && kHeadDim >= 192;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
@@ -403,7 +408,8 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     const int n_blocks = keys.n_end - keys.n_begin;
     const int m0 = rec.block * kBlockM;
 
-    OnlineSoftmax<kRows, kFixedMax> softmax(params.scale_log2, params.max_capped);
+    OnlineSoftmax<kRows, kFixedMax, Traits::kLazyRescale> softmax(params.scale_log2,
+                                                                   params.max_capped);
     clear(tOrO);
     if (n_blocks > 0) {
       const int q_buf = q_loads % Traits::kQBuffers;
@@ -422,6 +428,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       auto issue_pv = [&](PipelineState state) {
         warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
       };
+      bool rescale_o_needed = true;  // softmax_block's: some row's O factor is not 1
       // Mask and online softmax of key block n: S -> P (fp32, in tSrS); `rescale` is the
       // factor O must take once the pending P V product has landed.
       auto softmax_block = [&](int n, float (&rescale)[kRows]) {
@@ -445,7 +452,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
             }
           }
         }
-        softmax.update(scores, rescale);
+        rescale_o_needed = softmax.update(scores, rescale);
       };
       // P to the input precision, as the A operand of the next P V product.
       auto convert_p = [&] {
@@ -506,7 +513,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         warpgroup_wait<0>();
         fence_after_wait(tOrP_a, tOrO);
         pipeline_v.consumer_release(v_state);
-        if constexpr (!kFixedMax) rescale_o(rescale);
+        if (!kFixedMax && rescale_o_needed) rescale_o(rescale);
         convert_p();
         v_state = read_state;
         ++read_state;

@@ -33,8 +33,12 @@ __device__ inline float quad_allreduce_sum(float x) {
 // (`fixed_max`, in score units) instead of the running row maximum, which is then never
 // computed and the output never rescaled. Only for scores bounded on both sides, whose
 // exponentials all fit the float range against that constant: the softcap's (fwd_launch.cuh).
-template <int kRows, bool kFixedMax = false>
+// kLazyRescale: a row's reference moves to its running maximum only when a block raises that
+// by more than 2^kLazyLog2 after scaling (P then stays below 2^kLazyLog2), so that after the
+// first blocks a warp seldom has a row whose O needs rescaling (update() says when).
+template <int kRows, bool kFixedMax = false, bool kLazyRescale = false>
 struct OnlineSoftmax {
+  static constexpr float kLazyLog2 = 8.f;
   float row_max[kRows];  // raw scores (before scaling); -inf while a row has seen no key
                          // (kFixedMax: the constant reference)
   float row_sum[kRows];  // this thread's partial sum; reduced over the quad in finalize()
@@ -51,13 +55,15 @@ struct OnlineSoftmax {
 
   // scores: (kRows, cols) fp32, masked entries already -inf. Turns scores into unnormalised
   // probabilities and returns, per row, the factor the output accumulator must be scaled by
-  // (kFixedMax: 1, not written).
+  // (kFixedMax: 1, not written). Returns whether any row of the warp needs it (always, but
+  // with kLazyRescale; never with kFixedMax).
   template <class TensorS>
-  __device__ void update(TensorS& scores, float (&rescale)[kRows]) {
+  __device__ bool update(TensorS& scores, float (&rescale)[kRows]) {
     if constexpr (kFixedMax) {
       update_fixed(scores);
+      return false;
     } else {
-      update_running(scores, rescale);
+      return update_running(scores, rescale);
     }
   }
 
@@ -86,13 +92,19 @@ struct OnlineSoftmax {
   }
 
   template <class TensorS>
-  __device__ void update_running(TensorS& scores, float (&rescale)[kRows]) {
+  __device__ bool update_running(TensorS& scores, float (&rescale)[kRows]) {
+    bool moved = false;
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float m = row_max[r];
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
       m = quad_allreduce_max(m);
+      if constexpr (kLazyRescale) {
+        const bool move = row_max[r] == -INFINITY || (m - row_max[r]) * scale_log2 > kLazyLog2;
+        m = move ? m : row_max[r];
+        moved |= move && m != -INFINITY;
+      }
       // A row with no allowed key so far keeps max -inf; subtracting 0 instead keeps
       // exp2(-inf) = 0 and avoids (-inf) - (-inf) = NaN.
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
@@ -107,6 +119,7 @@ struct OnlineSoftmax {
       }
       row_sum[r] = sum;
     }
+    return !kLazyRescale || __any_sync(0xffffffff, moved);
   }
 
   // Per row: the factor that normalises the output (0 for a row with no allowed key, whose
