@@ -645,6 +645,12 @@ __device__ void bwd_zero_rows(const BwdParams& bp, int row_begin, int row_end, i
 // and waited for on the long scoreboard (ncu: ~10% of the compute warps' stall samples).
 // Issued where called, so the caller can start them before it waits for a product.
 // kQueryRows (BwdTraits::kDkvT): a (queries, keys) view; value r belongs to row r.
+// bwd_query_pair: the pair of columns c and c + 1 alone (c even), for callers that read them
+// one pair at a time to keep registers free.
+template <class Coord>
+__device__ inline float2 bwd_query_pair(const float* rows, const Coord& coord, int c) {
+  return ld_shared_f32x2(smem_address(rows + get<1>(coord(0, c))));
+}
 template <bool kQueryRows = false, class Coord>
 __device__ inline auto bwd_load_query_values(const float* rows, const Coord& coord) {
   if constexpr (kQueryRows) {
@@ -664,7 +670,7 @@ __device__ inline auto bwd_load_query_values(const float* rows, const Coord& coo
     cute::array<float, kCols> values;
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; c += 2) {
-      const float2 v = ld_shared_f32x2(smem_address(rows + get<1>(coord(0, c))));
+      const float2 v = bwd_query_pair(rows, coord, c);
       values[c] = v.x;
       values[c + 1] = v.y;
     }
@@ -708,7 +714,7 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
   float2 lse_pair = make_float2(0.f, 0.f);  // kSoftcapInP: column c's pair
   auto next_column = [&](int c) {
     if constexpr (Traits::kSoftcapInP) {
-      if (c % 2 == 0) lse_pair = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+      if (c % 2 == 0) lse_pair = bwd_query_pair(lse_rows, coord, c);
     }
   };
   // The score of (r, c), capped: t (kSoftcap) or S^T itself.
@@ -763,13 +769,12 @@ __device__ inline void bwd_probabilities(Scores& scores, const Coord& coord, con
 // hand-off). dpt and p: (keys, queries) views of the dP^T and P^T accumulators (kDkvT:
 // (queries, keys)); dpsum: D of each query (bwd_load_query_values).
 // Softcap (kSoftcap, unless kSoftcapInP has folded it into P^T already): dS^T also takes the
-// cap's derivative 1 - t^2, with t recovered from P^T
-// (t = log2 P^T / scale_log2 + LSE / scale_log2, one FFMA; clamped at -1 so that P^T = 0 gives
-// 0): one MUFU.LG2 per element instead of t kept in registers through the dP wait (D=64
-// spilled 1.2 KB). The
-// LSE comes from shared memory (lse_rows, the block's rows) a column pair at a time: loaded
-// as a whole beforehand it spilled too (kDkvT: two per thread, from lse). scale_log2: the
-// softcap's c log2 e.
+// cap's derivative 1 - t^2, with t recovered from P^T (t = log2 P^T / scale_log2 + LSE /
+// scale_log2, one FFMA; clamped at -1 so that P^T = 0 gives 0): one MUFU.LG2 per element
+// instead of t kept in registers through the dP wait (D=64 spilled 1.2 KB). The LSE comes
+// from shared memory (lse_rows, the block's rows) a column pair at a time: loaded as a whole
+// beforehand it spilled too (kDkvT: two per thread, from lse). scale_log2: the softcap's
+// c log2 e.
 template <class Traits, class DP, class P, class Values, class Coord>
 __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool keys_real,
                               const float* lse_rows, const Coord& coord, float scale_log2,
@@ -790,7 +795,7 @@ __device__ inline void bwd_ds(DP& dpt, const P& p, const Values& dpsum, bool key
       // The LSE of the pair's queries over scale_log2 (t = log2 P^T / scale_log2 + that).
       float2 lse_pair = make_float2(0.f, 0.f);
       if constexpr (kRecoverT && !Traits::kDkvT) {
-        lse_pair = ld_shared_f32x2(smem_address(lse_rows + get<1>(coord(0, c))));
+        lse_pair = bwd_query_pair(lse_rows, coord, c);
         lse_pair = make_float2(lse_pair.x * inv_scale_log2, lse_pair.y * inv_scale_log2);
       }
       CUTLASS_PRAGMA_UNROLL

@@ -58,18 +58,17 @@ struct FwdTraits {
                                   : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128),
                 "unsupported tile");
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
-  // The bf16 softcap kernels at D=192 and 256 also hold a consumer whose softmax takes a
-  // fixed reference instead of the running row maximum (fwd_launch.cuh says when;
-  // OnlineSoftmax kFixedMax): no FMNMX per score, no row shuffles, and above all no O
-  // rescale, an FMUL per O element per block (D/2 per thread against N/2 exponentials:
-  // 2.4x at D=256 with N=80). Measured +6-8% (D=192) and +9-16% (D=256); at D=96 and 128
-  // equal (the rounded row sums cost what the rest saves), at D=64 4% slower. fp16's P range
-  // (65504) leaves no room for it.
   // The running maximum's O rescale is an FMUL per O element per block whichever row moved;
   // at D=192 and 256 (D/2 = 96 / 128 per thread against 56 / 40 exponentials) it is skipped
   // for a warp none of whose rows moved its reference (OnlineSoftmax kLazyRescale). Not in
   // the window / softcap kernels: with the window's bounds live too they spilled 36-268 B.
   static constexpr bool kLazyRescale = kHeadDim >= 192 && !kWindow;
+  // The bf16 softcap kernels at D=192 and 256 also hold a consumer whose softmax takes a
+  // fixed reference instead of the running row maximum (fwd_launch.cuh says when;
+  // OnlineSoftmax kFixedMax): no FMNMX per score, no row shuffles, and above all no O
+  // rescale (see kLazyRescale; 2.4x the exponentials at D=256 with N=80). Measured +6-8%
+  // (D=192) and +9-16% (D=256); at D=96 and 128 equal (the rounded row sums cost what the
+  // rest saves), at D=64 4% slower. fp16's P range (65504) leaves no room for it.
   static constexpr bool kFixedMaxBuilt =
       kSoftcap && cute::is_same_v<Element_, cutlass::bfloat16_t> && kHeadDim >= 192;
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
