@@ -207,3 +207,45 @@ def test_fa4_two_pass_recipe_is_exact_when_passes_leave_rows_unwritten(monkeypat
     # without the zeroing, the unwritten rows of one pass poison the other's gradients
     unmasked = peers.autograd_run(inp, peers.two_pass(batch, inp, _leaves_rows_unwritten, False), True)
     assert any(g[real].isnan().any() for g in unmasked.fwd_bwd())
+
+
+def test_ab_case_specs_name_their_batches():
+    from benchmarks import ab
+
+    d, b = ab.parse_case("64,causal,2048,w1024,c50")
+    assert (d, b.causal, b.window, b.softcap) == (64, True, (1024, 0), 50.0)
+    assert b.heads == cases.dense_heads(64) and b.slots == (2048,) * (cases.TOKENS // 2048)
+    d, b = ab.parse_case("128,prefixlm,0")
+    assert d == 128 and b == cases.prefixlm_batch()
+    for bad in ("128,full", "128,diagonal,8192", "128,full,8192,x3"):
+        with pytest.raises(ValueError):
+            ab.parse_case(bad)
+
+
+def test_ab_stages_each_build_beside_the_package(tmp_path):
+    import lzma
+
+    from benchmarks import ab
+
+    package = tmp_path / "src"
+    package.mkdir()
+    (package / "__init__.py").write_text("X = 1\n")
+    (package / "_C.abi3.so").write_bytes(b"the checkout's own build")
+    image = bytes(range(256)) * 64
+    build = tmp_path / "fast.so.xz"
+    build.write_bytes(lzma.compress(image))
+    folder = ab.stage(build, tmp_path / "staged", package)
+    assert folder.name == "fast"
+    staged = sorted(p.name for p in (folder / "prefixlm_fa3").iterdir())
+    assert staged == ["_C.abi3.so", "__init__.py"]
+    assert (folder / "prefixlm_fa3" / "_C.abi3.so").read_bytes() == image
+
+
+def test_ab_table_gives_each_build_its_median_over_the_first():
+    from benchmarks import ab
+
+    results = {"base": [{"s": [100.0, 50.0]}, {"s": [110.0, 60.0]}],
+               "new": [{"s": [120.0, 55.0]}, {"s": [126.0, None]}]}
+    line = ab.table(results, ["s"]).splitlines()[1]
+    assert line.startswith("s | 100/50 110/60 | 120/55 126/-")
+    assert line.endswith("| 1.171, 1.000")  # fwd 123 / 105; bwd 55 / 55 (None skipped)

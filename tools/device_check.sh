@@ -7,6 +7,9 @@
 # see benchmarks/README.md: `STAGE=1` in the first (carry .stage) unpacks its libraries,
 # `FA4=1` in the second (carry .fa4whl) installs the rest. PARTS picks what runs
 # (default "tests sanitize bench"); BENCH_ARGS is passed to benchmarks/bench.py.
+# PARTS=ab times several builds against each other (benchmarks/ab.py): AB_BUILDS names their
+# extensions (e.g. .ab/base.so.xz .ab/new.so.xz, the folder carried and git-ignored via
+# .git/info/exclude; `xz -9` makes a build ~1.5 MB), AB_ARGS is passed on (--cases, --rounds).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -16,8 +19,9 @@ if [ "${STAGE:-0}" = 1 ]; then
   (mkdir -p /tmp/fa4 && tar xJf .stage/libs_cu13.tar.xz -C /tmp/fa4 && touch /tmp/fa4/.unpacked) &
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv,noheader
-# The extension goes into the source package: run from the repository root, it comes first.
-python3 - <<'PY' || exit 1
+# The wheel's extension goes into the source package: run from the repository root, it comes
+# first.
+[ -z "$(ls .whl/*.whl 2>/dev/null)" ] || python3 - <<'PY' || exit 1
 import glob, zipfile
 wheel = sorted(glob.glob(".whl/*.whl"))[-1]
 with zipfile.ZipFile(wheel) as z:
@@ -38,6 +42,9 @@ for part in $PARTS; do
           python3 tools/sanitize_workload.py > "$OUT/sanitize_$tool.log" 2>&1
         echo "$tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
+    ab)
+      timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${AB_BUILDS} ${AB_ARGS:-} > "$OUT/ab.log" 2>&1
+      echo "ab rc $?"; tail -40 "$OUT/ab.log" ;;
     bench)
       if [ "${FA4:-0}" = 1 ]; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/fa4w .fa4whl/*.whl &&
