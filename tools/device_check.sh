@@ -9,7 +9,9 @@
 # (default "tests sanitize bench"); BENCH_ARGS is passed to benchmarks/bench.py.
 # PARTS=ab times several builds against each other (benchmarks/ab.py): AB_BUILDS names their
 # extensions (e.g. .ab/base.so.xz .ab/new.so.xz, the folder carried and git-ignored via
-# .git/info/exclude; `xz -9` makes a build ~1.5 MB), AB_ARGS is passed on (--cases, --rounds).
+# .git/info/exclude; tools/build_ab.sh makes them), AB_ARGS is passed on (--cases, --rounds).
+# TEST_EXT=.ab/NAME.so.xz runs the tests, sanitizers and benchmark on that build instead of a
+# wheel's (with the working tree's tests: apply a variant's patch before the call).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -30,6 +32,10 @@ with zipfile.ZipFile(wheel) as z:
             open("prefixlm_fa3/" + name.rsplit("/", 1)[-1], "wb").write(z.read(name))
 print("extension from", wheel)
 PY
+if [ -n "${TEST_EXT:-}" ]; then
+  xz -dc "$TEST_EXT" > prefixlm_fa3/_C.abi3.so || exit 1
+  echo "extension from $TEST_EXT"
+fi
 for part in $PARTS; do
   case $part in
     tests)
