@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
-[ $# -ge 2 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,15p' "$0"; exit 2; }
 out=$(realpath -m "$1"); shift
 work=${AB_WORK:-/tmp/prefixlm_ab}
 mkdir -p "$out" "$work"
