@@ -19,6 +19,7 @@ repo=$(pwd)
 [ $# -ge 2 ] || { sed -n '2,15p' "$0"; exit 2; }
 out=$(realpath -m "$1"); shift
 work=${AB_WORK:-/tmp/prefixlm_ab}
+head=$(git rev-parse HEAD)  # every variant starts from the same commit
 mkdir -p "$out" "$work"
 for spec in "$@"; do
   name=${spec%%:*}
@@ -27,13 +28,13 @@ for spec in "$@"; do
   tree=$work/tree
   # The worktree at HEAD, without the previous variant's patches (its ignored build folder
   # stays).
-  [ -d "$tree" ] || git worktree add -q --detach "$tree" HEAD
-  git -C "$tree" checkout -q --detach -f "$(git rev-parse HEAD)"
+  [ -d "$tree" ] || git worktree add -q --detach "$tree" "$head"
+  git -C "$tree" checkout -q --detach -f "$head"
   git -C "$tree" clean -qfd
   for patch in ${patches//+/ }; do
     git -C "$tree" apply "$repo/$patch"
   done
-  echo "== $name: HEAD $(git rev-parse --short HEAD)${patches:+ + $patches}"
+  echo "== $name: ${head:0:7}${patches:+ + $patches}"
   (cd "$tree" && PREFIXLM_PTXAS_VERBOSE=1 python3 setup.py -q build_ext --inplace \
      --build-temp build > "$out/$name.build.log" 2>&1) ||
     { tail -30 "$out/$name.build.log"; exit 1; }
