@@ -70,7 +70,7 @@ def worker(specs: list[str]) -> dict:
     for spec in specs:
         d, batch = parse_case(spec)
         inp = cases.make_inputs(batch, d)
-        t, _, _ = timing.measure(spec, lambda: peers.Ours().build(batch, inp, True), bench, True)
+        t, _, _ = timing.measure(spec, lambda: peers.OURS.build(batch, inp, True), bench, True)
         row = t.to_dict(batch.fwd_flops(d))
         result[spec] = [row["fwd_tflops"], row["bwd_tflops"]]
     return result

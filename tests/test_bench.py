@@ -249,3 +249,24 @@ def test_ab_table_gives_each_build_its_median_over_the_first():
     line = ab.table(results, ["s"]).splitlines()[1]
     assert line.startswith("s | 100/50 110/60 | 120/55 126/-")
     assert line.endswith("| 1.171, 1.000")  # fwd 123 / 105; bwd 55 / 55 (None skipped)
+
+
+def test_ab_worker_times_every_case_through_the_public_function(monkeypatch):
+    """The worker's plumbing on the CPU reference: every case timed forward and forward +
+    backward, TF/s from the batch's allowed pairs (bwd = fwd+bwd - fwd, 2.5x the flops)."""
+    from benchmarks import ab, timing
+
+    batch, _ = _small_prefixlm(monkeypatch)
+    monkeypatch.setattr(ab, "parse_case", lambda spec: (64, batch))
+    monkeypatch.setattr(timing, "warm_up_gpu", lambda seconds: None)
+    times = iter([1.0, 3.0] * 2)  # ms: forward, then forward + backward, per case
+
+    def fake_bench(fn):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(timing, "make_bench", lambda warmup, rep: fake_bench)
+    result = ab.worker(["first", "second"])
+    fwd = batch.fwd_flops(64) / 1e-3 / 1e12
+    assert result == {"first": [pytest.approx(fwd), pytest.approx(2.5 * fwd / 2)],
+                      "second": [pytest.approx(fwd), pytest.approx(2.5 * fwd / 2)]}
