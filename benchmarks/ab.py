@@ -76,10 +76,14 @@ def worker(specs: list[str]) -> dict:
     return result
 
 
+def build_name(build: Path) -> str:
+    """A build's name in the table: its file name up to the first dot (base.so.xz: base)."""
+    return build.name.split(".")[0]
+
+
 def stage(build: Path, root: Path, package: Path = REPO / "prefixlm_fa3") -> Path:
     """A folder holding `package` (this checkout's) with `build` as its extension."""
-    name = build.name.split(".")[0]
-    pkg = root / name / "prefixlm_fa3"
+    pkg = root / build_name(build) / "prefixlm_fa3"
     shutil.copytree(package, pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     opener = lzma.open if build.suffix == ".xz" else open
     with opener(build, "rb") as src, open(pkg / "_C.abi3.so", "wb") as dst:
@@ -89,9 +93,9 @@ def stage(build: Path, root: Path, package: Path = REPO / "prefixlm_fa3") -> Pat
 
 def run_builds(builds: list[Path], specs: list[str], rounds: int) -> dict:
     """{build name: [per-round results]}, rounds alternating the builds."""
-    results = {b.name.split(".")[0]: [] for b in builds}
+    results = {build_name(b): [] for b in builds}
     with tempfile.TemporaryDirectory(prefix="prefixlm_ab_") as tmp:
-        folders = {b.name.split(".")[0]: stage(b, Path(tmp)) for b in builds}
+        folders = {build_name(b): stage(b, Path(tmp)) for b in builds}
         for _ in range(rounds):
             for name, folder in folders.items():
                 proc = subprocess.run(
@@ -137,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     specs = [s for s in args.cases.split(";") if s]
-    for spec in specs:
-        parse_case(spec)  # a typo fails here, before any build runs
     if args.worker is not None:
         sys.path.insert(0, str(args.worker))
         import prefixlm_fa3
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.builds:
         ap.error("name at least one build")
-    names = [b.name.split(".")[0] for b in args.builds]
+    for spec in specs:
+        parse_case(spec)  # a typo fails here, before any build runs
+    names = [build_name(b) for b in args.builds]
     if len(set(names)) != len(names):
         ap.error(f"builds need distinct names: {names}")
     results = run_builds(args.builds, specs, args.rounds)

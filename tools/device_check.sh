@@ -9,7 +9,8 @@
 # (default "tests sanitize bench"); BENCH_ARGS is passed to benchmarks/bench.py.
 # PARTS=ab times several builds against each other (benchmarks/ab.py): AB_BUILDS names their
 # extensions (e.g. .ab/base.so.xz .ab/new.so.xz, the folder carried and git-ignored via
-# .git/info/exclude; tools/build_ab.sh makes them), AB_ARGS is passed on (--cases, --rounds).
+# .git/info/exclude; tools/build_ab.sh makes them); AB_CASES and AB_ROUNDS, when set, go to
+# its --cases and --rounds.
 # TEST_EXT=.ab/NAME.so.xz runs the tests, sanitizers and benchmark on that build instead of a
 # wheel's (with the working tree's tests: apply a variant's patch before the call).
 set -u
@@ -49,7 +50,8 @@ for part in $PARTS; do
         echo "$tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     ab)
-      timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${AB_BUILDS} ${AB_ARGS:-} > "$OUT/ab.log" 2>&1
+      timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${AB_BUILDS} \
+        ${AB_CASES:+--cases "$AB_CASES"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$OUT/ab.log" 2>&1
       echo "ab rc $?"; tail -40 "$OUT/ab.log" ;;
     bench)
       if [ "${FA4:-0}" = 1 ]; then
