@@ -45,7 +45,7 @@ for part in $PARTS; do
     sanitize)
       for tool in memcheck synccheck racecheck; do
         extra=""; [ $tool = racecheck ] && extra="--racecheck-report hazard"
-        timeout 170 compute-sanitizer --tool $tool $extra --print-limit 20 \
+        timeout ${SANITIZE_TIMEOUT:-170} compute-sanitizer --tool $tool $extra --print-limit 20 \
           python3 tools/sanitize_workload.py > "$OUT/sanitize_$tool.log" 2>&1
         echo "$tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
