@@ -5,7 +5,7 @@
 #   MAX_JOBS=2 tools/build_ab.sh OUT NAME[:PATCH[+PATCH...]] ...
 #
 # NAME alone is this checkout's HEAD; NAME:P1+P2 is HEAD with those patches applied (git
-# apply, paths relative to the repository root, e.g. docs/experiments/*.patch). The variants
+# apply, paths relative to the repository root: `git diff HEAD > .ab/x.patch`). The variants
 # build one after the other in one worktree, ${AB_WORK:-/tmp/prefixlm_ab}, whose build folder
 # is kept: after the first build (about 6 minutes on 2 cores) each variant compiles only the
 # files that differ from the one before (a forward patch: the forward's, a few minutes). The

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
-padded PrefixLM batches at D=64, 96, 128, 192 and 256, GQA and Lq != Lk included, the same with a sliding
-window (the window kernels) or a softcap, plus a batch whose cu_seqlens decrease, and a forward on D=96's
-192 x 144 tiles. Run it under each tool, e.g.
+padded PrefixLM batches at D=64, 96, 128, 192 and 256, GQA and Lq != Lk included, the same with
+a sliding window (the window kernels) or a softcap, plus a batch whose cu_seqlens decrease, and
+a forward on D=96's 192 x 144 tiles. Run it under each tool, e.g.
 
     compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
     compute-sanitizer --tool synccheck python3 tools/sanitize_workload.py
