@@ -70,9 +70,9 @@ struct FwdTraits {
   // it is skipped for a warp none of whose rows moved its reference (OnlineSoftmax
   // kLazyRescale). Measured +2-11% at D=192 and 256 (D/2 = 96 / 128 multiplies per thread
   // against 56 / 40 exponentials), +1-4% at D=64 to 128 once the softmax ran between the
-  // two waits (perf-notes, 2026-12-06). Not in the window / softcap kernels: with the
-  // window's bounds live too they spilled 36-268 B.
-  static constexpr bool kLazyRescale = !kWindow;
+  // two waits, and +1-4% in the D <= 128 window / softcap kernels (perf-notes, 2026-12-06).
+  // Not in those at D=192 and 256: with the window's bounds live too they spilled 36-268 B.
+  static constexpr bool kLazyRescale = !kWindow || kHeadDim <= 128;
   // The bf16 softcap kernels at D=192 and 256 also hold a consumer whose softmax takes a
   // fixed reference instead of the running row maximum (fwd_launch.cuh says when;
   // OnlineSoftmax kFixedMax): no FMNMX per score, no row shuffles, and above all no O
