@@ -190,13 +190,8 @@ struct BwdTraits {
   // D, its half with kSplitD, 64-row atoms of D with kDkvT), K^T in dQ (kDqCols,
   // TiledMmadQ). So 128 bytes at D = 64, 128, 256 and for Q and dO at D = 192; 64 for K at
   // D = 192 (halves of 96) and for everything at D = 96.
-  template <int kCols>
-  using SwizzleAtom = conditional_t<
-      kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
-      conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
-                    GMMA::Layout_K_SW32_Atom<Element>>>;
-  using SmemAtomQ = SwizzleAtom<kSplitD ? kHeadDim / 2 : kHeadDim>;
-  using SmemAtomK = SwizzleAtom<kDqCols>;
+  using SmemAtomQ = KMajorSwizzleAtom<Element, kSplitD ? kHeadDim / 2 : kHeadDim>;
+  using SmemAtomK = KMajorSwizzleAtom<Element, kDqCols>;
   using SmemLayoutQ = decltype(tile_to_shape(
       SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // (M, D, stages)
   using SmemLayoutQt = decltype(composition(

@@ -116,8 +116,7 @@ struct FwdTraits {
 
   // 128-byte swizzled tiles where D is a multiple of 64 elements (128 bytes); D = 96 takes
   // 64-byte swizzled ones (three 32-element atoms per row).
-  using SmemAtom = conditional_t<kHeadDim % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
-                                 GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemAtom = KMajorSwizzleAtom<Element, kHeadDim>;
   using SmemLayoutQ = decltype(tile_to_shape(
       SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));  // (M, D, buffers)
   using SmemLayoutKV = decltype(tile_to_shape(
@@ -125,8 +124,7 @@ struct FwdTraits {
   // kPInSmem: P of the whole tile, (M, N), N contiguous; each warpgroup writes and reads its
   // own 64 rows (a minimal placeholder otherwise).
   using SmemLayoutP = decltype(tile_to_shape(
-      conditional_t<kBlockN % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
-                    GMMA::Layout_K_SW32_Atom<Element>>{},
+      KMajorSwizzleAtom<Element, kBlockN>{},
       Shape<Int<kPInSmem ? kBlockM : 8>, Int<kPInSmem ? kBlockN : 64>>{}));  // (M, N)
   // The same V bytes seen as (D, N, stages) for the PV product.
   using SmemLayoutVt = decltype(composition(

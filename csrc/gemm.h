@@ -33,6 +33,15 @@ __device__ inline int opaque_int(int v) {
   return v;
 }
 
+// The shared-memory atom of a K-major wgmma operand whose rows hold kCols elements: swizzled
+// over 128, 64 or 32 bytes (atoms of 64, 32 or 16 elements), the widest whose atoms tile the
+// row.
+template <class Element, int kCols>
+using KMajorSwizzleAtom = conditional_t<
+    kCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+    conditional_t<kCols % 32 == 0, GMMA::Layout_K_SW64_Atom<Element>,
+                  GMMA::Layout_K_SW32_Atom<Element>>>;
+
 // A from registers (RS) needs fencing like C; an smem descriptor (SS) does not.
 template <class TA>
 constexpr bool kOperandInRegisters =
