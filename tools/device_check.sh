@@ -11,6 +11,11 @@
 # extensions (e.g. .ab/base.so.xz .ab/new.so.xz, the folder carried and git-ignored via
 # .git/info/exclude; tools/build_ab.sh makes them); AB_CASES and AB_ROUNDS, when set, go to
 # its --cases and --rounds.
+# PARTS=ncu profiles one training step per method on one case with Nsight Compute
+# (tools/ncu_workload.py) for each case of NCU_CASES (';'-separated ab.py specs, default
+# 128,full,8192), methods NCU_METHODS (default "ours fa4"), kernels matching the regex
+# NCU_KERNELS (default all): $OUT/ncuI.details.txt (every section) and ncuI.source.csv.xz (the
+# per-instruction source counters).
 # TEST_EXT=.ab/NAME.so.xz runs the tests, sanitizers and benchmark on that build instead of a
 # wheel's (with the working tree's tests: apply a variant's patch before the call).
 set -u
@@ -37,6 +42,13 @@ if [ -n "${TEST_EXT:-}" ]; then
   xz -dc "$TEST_EXT" > prefixlm_fa3/_C.abi3.so || exit 1
   echo "extension from $TEST_EXT"
 fi
+# FA4=1: its wheels installed beside the libraries STAGE=1 unpacked (once per call).
+fa4_site() {
+  if [ "${FA4:-0}" = 1 ] && [ -z "${EXTRA_SITE:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/fa4w .fa4whl/*.whl &&
+      cp -a /tmp/fa4w/. /tmp/fa4/ && export EXTRA_SITE=/tmp/fa4
+  fi
+}
 for part in $PARTS; do
   case $part in
     tests)
@@ -53,11 +65,22 @@ for part in $PARTS; do
       timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${AB_BUILDS} \
         ${AB_CASES:+--cases "$AB_CASES"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$OUT/ab.log" 2>&1
       echo "ab rc $?"; tail -40 "$OUT/ab.log" ;;
+    ncu)
+      fa4_site
+      IFS=';' read -ra ncu_cases <<< "${NCU_CASES:-128,full,8192}"
+      for i in "${!ncu_cases[@]}"; do
+        rep="$OUT/ncu$i"
+        timeout ${NCU_TIMEOUT:-300} ncu --profile-from-start off --set full --clock-control none \
+          ${NCU_KERNELS:+--kernel-name "regex:$NCU_KERNELS"} -f -o "$rep" \
+          python3 tools/ncu_workload.py "${ncu_cases[$i]}" ${NCU_METHODS:-ours fa4} \
+          > "$rep.log" 2>&1
+        echo "ncu ${ncu_cases[$i]} rc $?: $(tail -1 "$rep.log")"
+        ncu --import "$rep.ncu-rep" --print-details all > "$rep.details.txt" 2>&1
+        ncu --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.source.csv" 2>&1
+        xz -T4 "$rep.source.csv" && rm -f "$rep.ncu-rep"
+      done ;;
     bench)
-      if [ "${FA4:-0}" = 1 ]; then
-        python3 -m pip install -q --no-index --no-deps --target /tmp/fa4w .fa4whl/*.whl &&
-          cp -a /tmp/fa4w/. /tmp/fa4/ && export EXTRA_SITE=/tmp/fa4
-      fi
+      fa4_site
       FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 timeout 540 python3 benchmarks/bench.py \
         --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       echo "bench rc $?"; grep -v '^\s*$' "$OUT/bench.log" | tail -45 ;;
