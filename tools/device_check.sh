@@ -14,8 +14,8 @@
 # PARTS=ncu profiles one training step per method on one case with Nsight Compute
 # (tools/ncu_workload.py) for each case of NCU_CASES (';'-separated ab.py specs, default
 # 128,full,8192), methods NCU_METHODS (default "ours fa4"), kernels matching the regex
-# NCU_KERNELS (default all): $OUT/ncuI.details.txt (every section) and ncuI.source.csv.xz (the
-# per-instruction source counters).
+# NCU_KERNELS (default all): $OUT/ncuI.details.txt (every section), ncuI.source.csv.xz (the
+# per-instruction source counters) and the short table of tools/ncu_summary.py, also printed.
 # TEST_EXT=.ab/NAME.so.xz runs the tests, sanitizers and benchmark on that build instead of a
 # wheel's (with the working tree's tests: apply a variant's patch before the call).
 set -u
@@ -77,6 +77,7 @@ for part in $PARTS; do
         echo "ncu ${ncu_cases[$i]} rc $?: $(tail -1 "$rep.log")"
         ncu --import "$rep.ncu-rep" --print-details all > "$rep.details.txt" 2>&1
         ncu --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.source.csv" 2>&1
+        python3 tools/ncu_summary.py "$rep.details.txt" "$rep.source.csv" | tee "$rep.summary.txt"
         xz -T4 "$rep.source.csv" && rm -f "$rep.ncu-rep"
       done ;;
     bench)
