@@ -20,10 +20,15 @@ from benchmarks import ab, cases, peers  # noqa: E402
 
 
 def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
     spec, keys = sys.argv[1], sys.argv[2:] or ["ours"]
+    by_key = {peer.key: peer for peer in (peers.Ours(), *peers.PEERS)}
+    unknown = [key for key in keys if key not in by_key]
+    if unknown:
+        sys.exit(f"unknown method(s) {unknown}: the methods are {sorted(by_key)}")
     head_dim, batch = ab.parse_case(spec)
     inp = cases.make_inputs(batch, head_dim)
-    by_key = {peer.key: peer for peer in (peers.Ours(), *peers.PEERS)}
     runs = []
     for key in keys:
         peer = by_key[key]
