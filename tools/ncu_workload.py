@@ -23,7 +23,7 @@ def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     spec, keys = sys.argv[1], sys.argv[2:] or ["ours"]
-    by_key = {peer.key: peer for peer in (peers.Ours(), *peers.PEERS)}
+    by_key = {peer.key: peer for peer in (peers.OURS, *peers.PEERS)}
     unknown = [key for key in keys if key not in by_key]
     if unknown:
         sys.exit(f"unknown method(s) {unknown}: the methods are {sorted(by_key)}")
