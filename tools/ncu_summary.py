@@ -74,15 +74,20 @@ def top_stalls(source: str, top: int):
         rows = list(csv.reader(io.StringIO(body)))
         header, rows = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
         col = {h: i for i, h in enumerate(header)}
-        samples = col["Warp Stall Sampling (All Samples)"]
         reasons = [h for h in header if h.startswith("stall_") and "(Not" not in h]
-        total = sum(int(r[samples] or 0) for r in rows) or 1
-        ranked = sorted(rows, key=lambda r: -int(r[samples] or 0))[:top]
-        result[name.strip('",')] = [
-            (int(r[samples] or 0) / total, r[col["Source"]].strip(),
-             ", ".join(f"{h[6:]} {int(r[col[h]])}" for h in
-                       sorted(reasons, key=lambda h: -int(r[col[h]] or 0))[:2] if int(r[col[h]] or 0)))
-            for r in ranked]
+
+        def count(row, column):
+            return int(row[col[column]] or 0)
+
+        def why(row):  # the row's two largest stall reasons that have samples
+            top2 = sorted(reasons, key=lambda h: -count(row, h))[:2]
+            return ", ".join(f"{h[6:]} {count(row, h)}" for h in top2 if count(row, h))
+
+        samples = [count(r, "Warp Stall Sampling (All Samples)") for r in rows]
+        total = sum(samples) or 1
+        ranked = sorted(zip(samples, rows), key=lambda x: -x[0])[:top]
+        result[name.strip('",')] = [(n / total, r[col["Source"]].strip(), why(r))
+                                    for n, r in ranked]
     return result
 
 
