@@ -23,6 +23,13 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 PARTS=${PARTS:-tests sanitize bench}
+# A misspelt part fails before any device time is spent on the others.
+for part in $PARTS; do
+  case $part in
+    tests|sanitize|ab|ncu|bench) ;;
+    *) echo "unknown part '$part' in PARTS (tests sanitize ab ncu bench)" >&2; exit 2 ;;
+  esac
+done
 if [ "${STAGE:-0}" = 1 ]; then
   (mkdir -p /tmp/fa4 && tar xJf .stage/libs_cu13.tar.xz -C /tmp/fa4 && touch /tmp/fa4/.unpacked) &
 fi
@@ -49,7 +56,10 @@ fa4_site() {
       cp -a /tmp/fa4w/. /tmp/fa4/ && export EXTRA_SITE=/tmp/fa4
   fi
 }
+# Each part's seconds are printed after it: the next call is sized from them (a device
+# session has 30 minutes, and a machine that fails to start costs 1.5-3 of them).
 for part in $PARTS; do
+  part_start=$SECONDS
   case $part in
     tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/tests.log" 2>&1
@@ -86,5 +96,6 @@ for part in $PARTS; do
         --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       echo "bench rc $?"; grep -v '^\s*$' "$OUT/bench.log" | tail -45 ;;
   esac
+  echo "[$part: $((SECONDS - part_start)) s]"
 done
 wait
