@@ -80,8 +80,8 @@ def top_stalls(source: str, top: int):
             return int(row[col[column]] or 0)
 
         def why(row):  # the row's two largest stall reasons that have samples
-            top2 = sorted(reasons, key=lambda h: -count(row, h))[:2]
-            return ", ".join(f"{h[6:]} {count(row, h)}" for h in top2 if count(row, h))
+            counts = sorted(((count(row, h), h) for h in reasons), key=lambda x: -x[0])[:2]
+            return ", ".join(f"{h[6:]} {n}" for n, h in counts if n)
 
         samples = [count(r, "Warp Stall Sampling (All Samples)") for r in rows]
         total = sum(samples) or 1
