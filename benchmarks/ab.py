@@ -23,6 +23,7 @@ import argparse
 import json
 import lzma
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,21 +92,37 @@ def stage(build: Path, root: Path, package: Path = REPO / "prefixlm_fa3") -> Pat
     return pkg.parent
 
 
+class Stopped(Exception):
+    """SIGTERM (`timeout`): run_builds returns the rounds finished so far."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
 def run_builds(builds: list[Path], specs: list[str], rounds: int) -> dict:
-    """{build name: [per-round results]}, rounds alternating the builds."""
+    """{build name: [per-round results]}, rounds alternating the builds. A SIGTERM (the device
+    call's `timeout`) ends it early with the rounds finished so far, so that a call sized too
+    tight still reports what it measured."""
     results = {build_name(b): [] for b in builds}
-    with tempfile.TemporaryDirectory(prefix="prefixlm_ab_") as tmp:
-        folders = {build_name(b): stage(b, Path(tmp)) for b in builds}
-        for _ in range(rounds):
-            for name, folder in folders.items():
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", str(folder), "--cases", ";".join(specs)],
-                    capture_output=True, text=True, cwd=REPO)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(f"{name}: failed\n{proc.stderr[-4000:]}", file=sys.stderr)
-                    continue
-                results[name].append(json.loads(lines[-1][len("RESULT "):]))
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with tempfile.TemporaryDirectory(prefix="prefixlm_ab_") as tmp:
+            folders = {build_name(b): stage(b, Path(tmp)) for b in builds}
+            for _ in range(rounds):
+                for name, folder in folders.items():
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--worker", str(folder), "--cases",
+                         ";".join(specs)], capture_output=True, text=True, cwd=REPO)
+                    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        print(f"{name}: failed\n{proc.stderr[-4000:]}", file=sys.stderr)
+                        continue
+                    results[name].append(json.loads(lines[-1][len("RESULT "):]))
+    except Stopped:
+        print("stopped by SIGTERM: the rounds finished so far", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return results
 
 

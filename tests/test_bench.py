@@ -251,6 +251,34 @@ def test_ab_table_gives_each_build_its_median_over_the_first():
     assert line.endswith("| 1.171, 1.000")  # fwd 123 / 105; bwd 55 / 55 (None skipped)
 
 
+def test_ab_sigterm_keeps_the_rounds_finished_so_far(monkeypatch, tmp_path):
+    """`timeout` stops the A/B with SIGTERM: the rounds that finished still come back (and
+    the handler is removed again), so a device call sized too tight still reports them."""
+    import os
+    import signal
+    import subprocess
+
+    from benchmarks import ab
+
+    monkeypatch.setattr(ab, "stage", lambda build, root: root / build_name)
+    build_name = "x"
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if len(calls) == 3:  # round 2, first build: the call's timeout arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return subprocess.CompletedProcess(cmd, 0, stdout=f'RESULT {{"s": [{len(calls)}.0, 1.0]}}\n',
+                                           stderr="")
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    results = ab.run_builds([tmp_path / "base.so.xz", tmp_path / "new.so.xz"], ["s"], rounds=3)
+    assert results == {"base": [{"s": [1.0, 1.0]}], "new": [{"s": [2.0, 1.0]}]}
+    assert len(calls) == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_ab_worker_times_every_case_through_the_public_function(monkeypatch):
     """The worker's plumbing on the CPU reference: every case timed forward and forward +
     backward, TF/s from the batch's allowed pairs (bwd = fwd+bwd - fwd, 2.5x the flops)."""
