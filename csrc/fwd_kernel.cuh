@@ -46,25 +46,28 @@ struct FwdTraits {
   // One consumer warpgroup per 64 query rows: 128 or 192 (fwd_schedule.h picks). At D <= 96
   // the products are shorter than D=128's, and a third warpgroup keeps the tensor cores fed
   // while the other two run their softmax; the registers still fit (D=64: S 64 + P 32 + O 32
-  // of 160; D=96 holds P in shared memory, below).
+  // of 160; D=96 with 112 columns: S 56 + P 28 + O 48).
   static constexpr int kBlockM = kBlockM_;
   static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim <= 96), "unsupported tile");
   // Key columns per block: 128, or 176 at D=128 for long sequences (fwd_schedule.h): a third
   // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills. D=256 takes
   // 80: its O holds 128 registers, beside S 40 + P 20; D=192 takes 112, for its K/V stages to
-  // fit (216 KB with one Q buffer). D=96's 192-row tiles take 144 (fwd_schedule.h).
+  // fit (216 KB with one Q buffer). D=96's 192-row tiles take 112 (fwd_schedule.h), or 144
+  // with P in shared memory.
   static constexpr int kBlockN = kBlockN_;
   static_assert(kHeadDim == 256   ? kBlockN == 80
                 : kHeadDim == 192 ? kBlockN == 112
                                   : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128) ||
-                                        (kBlockN == 144 && kHeadDim == 96 && kBlockM == 192),
+                                        ((kBlockN == 144 || kBlockN == 112) && kHeadDim == 96 &&
+                                         kBlockM == 192),
                 "unsupported tile");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   // P in shared memory: the P V product reads P from there (SS) instead of from registers, so
-  // that a thread holds S and O but never P: 192-row tiles at D=96 (S 72 + O 48 of 160
+  // that a thread holds S and O but never P: D=96's 192 x 144 tiles (S 72 + O 48 of 160
   // registers; with P in registers too they spilled). The price is a stmatrix of P per
-  // block; FlashAttention-3 and -4 make the same trade there.
-  static constexpr bool kPInSmem = kConsumerWarpgroups == 3 && kHeadDim > 64;
+  // block and P's operand reads, by estimate enough to bind that tile to shared-memory
+  // bandwidth (perf-notes, third session of 2026-12-06).
+  static constexpr bool kPInSmem = kConsumerWarpgroups == 3 && kHeadDim > 64 && kBlockN > 112;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // The running maximum's O rescale is an FMUL per O element per block whichever row moved;
   // it is skipped for a warp none of whose rows moved its reference (OnlineSoftmax

@@ -8,14 +8,15 @@ namespace prefixlm {
 // Query rows per tile, i.e. the kernel's kBlockM: 192 at D <= 64 (three consumer warpgroups),
 // except for short causal sequences, whose 192-row tiles cost up to 1.35x the work of 128-row
 // ones (a 512-token sequence: 9 x 192 against 10 x 128 row-blocks); the average slot length
-// is the host-known measure of "short". D = 96 takes 192 rows (and 144 columns, P in shared
-// memory) without a causal mask when the average slot holds at least kFwdD96TallRows rows:
-// full 8k +11%, full 2k equal; under a causal mask (192 x 128 tiles) causal 8k equal, causal
-// 2k -4% (perf-notes, 2026-12-06). D >= 128 uses 128.
+// is the host-known measure of "short". D = 96 takes 192 rows (and 112 columns, P in
+// registers) when the average slot holds at least kFwdD96TallRows rows: the 192 x 144 tile
+// with P in shared memory gained +11% at full 8k but nothing under a causal mask, and by
+// estimate is bound by shared-memory bandwidth (perf-notes, third session of 2026-12-06).
+// D >= 128 uses 128.
 inline constexpr long long kFwdD96TallRows = 2048;
 inline int fwd_block_rows(const VarlenProblem& p) {
   if (p.extended()) return 128;
-  if (p.head_dim == 96) return !p.causal && p.total_q >= kFwdD96TallRows * p.batch ? 192 : 128;
+  if (p.head_dim == 96) return p.total_q >= kFwdD96TallRows * p.batch ? 192 : 128;
   if (p.head_dim > 64) return 128;
   const bool short_causal = p.causal && p.total_q <= 1024LL * p.batch;
   return short_causal ? 128 : 192;
@@ -24,12 +25,12 @@ inline int fwd_block_rows(const VarlenProblem& p) {
 // Key columns per block of the forward kernel (kBlockN): 176 at D=128 when the average slot
 // holds at least 4096 rows (measured: causal 8k +3.5%, full 8k equal), 128 otherwise (176
 // cost short tiles 5-10%: one Q buffer, larger partial blocks).
-// D=192 takes 112, D=256 80 (FwdTraits), D=96's 192-row tiles 144 (as FlashAttention-3 and
-// -4 do; 128 measured 3% slower at full 8k).
+// D=192 takes 112, D=256 80 (FwdTraits), D=96's 192-row tiles 112 (the widest whose S and P
+// fit in registers beside O).
 inline int fwd_block_cols(const VarlenProblem& p) {
   if (p.head_dim == 192) return 112;
   if (p.head_dim == 256) return 80;
-  if (p.head_dim == 96 && fwd_block_rows(p) == 192) return 144;
+  if (p.head_dim == 96 && fwd_block_rows(p) == 192) return 112;
   return p.head_dim == 128 && !p.extended() && p.total_q >= 4096LL * p.batch ? 176 : 128;
 }
 

@@ -145,14 +145,15 @@ def test_forward_d128_long_sequences_176_key_columns(mode):
     check_forward(b, max_chunk_elems=1 << 25)
 
 
+@pytest.mark.parametrize("mode", ["full", "causal", "prefixlm"])
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_d96_tall_tiles(cross, dtype):
-    """D=96 without a causal mask takes 192 x 144 tiles, P through shared memory, when the
-    average slot holds at least 2048 rows (csrc/fwd_schedule.h): partial row and key blocks,
-    Lq != Lk and padding on that path too."""
-    b = mixed_batch(96 + cross, "full", lengths=(1, 2100, 3000, 4224), cross=cross, heads=2,
-                    heads_k=1, head_dim=96, dtype=dtype, device=DEVICE)
+def test_forward_d96_tall_tiles(mode, cross, dtype):
+    """D=96 takes 192-row tiles when the average slot holds at least 2048 rows
+    (csrc/fwd_schedule.h): partial row and key blocks, Lq != Lk, prefixes and padding on that
+    path too."""
+    b = mixed_batch(96 + cross + 2 * len(mode), mode, lengths=(1, 2100, 3000, 4224), cross=cross,
+                    heads=2, heads_k=1, head_dim=96, dtype=dtype, device=DEVICE)
     assert b.q.shape[0] >= 2048 * (b.cu_seqlens_q.numel() - 1)
     check_forward(b, max_chunk_elems=1 << 25)
 
