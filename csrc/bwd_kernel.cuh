@@ -1243,10 +1243,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             release_stage();
           } else {
             // Stage "S, dP": both products in flight; P^T is computed as soon as S^T lands.
+            // The LSE loads go first: issued after the products, they queue behind the
+            // products' shared-memory operand reads.
+            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
             bwd_stagger_wait(warpgroup);
             warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
             warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
-            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
             bwd_stagger_release(warpgroup);
