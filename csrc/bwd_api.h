@@ -35,18 +35,27 @@ __host__ __device__ constexpr int bwd_block_m(int head_dim) { return head_dim <=
 // D = 96: one compute warpgroup computes the whole dQ block (BwdTraits::kDqSingleWg), 64 x 96
 // in one product of N = 96, instead of two column halves of 48.
 __host__ __device__ constexpr bool bwd_dq_single_warpgroup(int head_dim) { return head_dim == 96; }
-// The dQ accumulator's permutation (BwdWorkspace): the 8-float chunks of row r are stored at
-// chunk ^ (r % S), S = bwd_dq_swizzle_rows: rows r .. r + S - 1 on distinct banks. S is the
-// largest of 8, 4, 2 that keeps the XOR off the bits of the column where a warpgroup's share
-// of dQ starts (bwd_store_dq) and inside its width: 0 and D (D = 64, split by rows; D = 96,
-// one warpgroup) or D/2 and D/2, so 4 at D = 192 (96) and at D = 96 (12 chunks).
-__host__ __device__ constexpr int bwd_dq_swizzle_rows(int head_dim) {
-  const bool whole_rows = head_dim <= 64 || bwd_dq_single_warpgroup(head_dim);
-  const int first_col = whole_rows ? 0 : head_dim / 2;
-  const int width = whole_rows ? head_dim : head_dim / 2;
-  int rows = 8;
-  while (rows > 1 && (first_col % (8 * rows) != 0 || width % (8 * rows) != 0)) rows /= 2;
-  return rows;
+// Columns of dQ per compute warpgroup (BwdTraits::kDqCols): all of D where the warpgroups
+// split the block by rows (D = 64, 128-row blocks) or one warpgroup computes it (D = 96),
+// else half of D.
+__host__ __device__ constexpr int bwd_dq_cols(int head_dim) {
+  return bwd_block_m(head_dim) == 128 || bwd_dq_single_warpgroup(head_dim) ? head_dim
+                                                                            : head_dim / 2;
+}
+// The dQ accumulator's order within a (bwd_block_m, D) block (BwdWorkspace): the float offset
+// of (row, col). Fragment order: the block is cut into the compute warpgroups' (64, kDqCols)
+// shares, share g at g * 64 kDqCols, and each share holds its m64nN wgmma accumulator as
+// float4s, float4 j of thread t at j * 512 + 4 t. Thread t = 32 w + l (warp w, lane l) holds
+// in float4 j rows 16 w + l / 4 and + 8, columns 8 j + 2 (l % 4) and + 1, in that order: so
+// 4 consecutive threads hold the 8 columns 8 j .. 8 j + 7 of a row pair (r, r + 8) in 64
+// contiguous bytes.
+__host__ __device__ constexpr int bwd_dq_accum_offset(int head_dim, int row, int col) {
+  const int cols = bwd_dq_cols(head_dim);
+  const int share = row / 64 + col / cols;  // one of the two is 0
+  const int r = row % 64;
+  const int c = col % cols;
+  const int thread = 32 * (r / 16) + 4 * (r % 8) + (c % 8) / 2;
+  return share * 64 * cols + (c / 8) * 512 + 4 * thread + 2 * (r / 8 % 2) + c % 2;
 }
 // Key rows per tile of the backward (BwdTraits::kBlockN, the schedule's block size): 128, 64
 // per compute warpgroup; D = 192 takes 96, 48 per warpgroup (BwdTraits::kDkvT), D = 256 64,
@@ -101,11 +110,11 @@ inline int bwd_accum_rows(const VarlenProblem& p) {
 // Pieces of the backward's device workspace, carved out of one byte buffer.
 struct BwdWorkspace {
   void* schedule;
-  // (H, accum_rows, D) fp32, written by the main kernel (first write of a block a store, the
-  // others adds; blocks no key block writes are never read). The 8-float chunks of accumulator
-  // row r are permuted by chunk ^ (r % bwd_dq_swizzle_rows(D)) (the kernel stores its
-  // fragments to shared memory that way without bank conflicts and adds the block as it is;
-  // the postprocess undoes the permutation).
+  // (H, accum_rows / bwd_block_m, bwd_block_m x D) fp32, written by the main kernel (first
+  // write of a block a store, the others adds; blocks no key block writes are never read).
+  // Each block in fragment order (bwd_dq_accum_offset): the kernel stores its accumulator
+  // fragments to shared memory that way and adds the block as it is; the postprocess
+  // reorders.
   float* dq_accum;
   float* lse_log2;  // (H, accum_rows): LSE in log2 units; +inf for rows that are not real
   float* dpsum;     // (H, accum_rows): rowsum(dO * O); 0 for rows that are not real

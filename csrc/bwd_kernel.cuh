@@ -149,7 +149,7 @@ struct BwdTraits {
   static constexpr bool kDqSingleWg = bwd_dq_single_warpgroup(kHeadDim);
   static constexpr int kDqWarpgroup = 1;
   static constexpr int kDqThreads = kDqSingleWg ? 128 : 256;  // threads that hold dQ
-  static constexpr int kDqCols = kDqSplitRows || kDqSingleWg ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqCols = bwd_dq_cols(kHeadDim);  // kHeadDim, or half with two shares
   static_assert(kDqCols % 16 == 0, "a warpgroup's dQ columns are whole atoms");
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kDqCols>, Int<kBlockN>>,
@@ -157,12 +157,9 @@ struct BwdTraits {
       conditional_t<kDqSplitRows, Layout<Shape<_2, _1, _1>>,
                     conditional_t<kDqSingleWg, Layout<Shape<_1, _1, _1>>,
                                   Layout<Shape<_1, _2, _1>>>>{}));
-  // dQ block in shared memory, (M, D) fp32 row-major with the 8-float chunks of row r
-  // permuted by chunk ^ (r % kDqSwizzleRows) (bwd_dq_swizzle_rows): the rows an accumulator
-  // fragment store spans land on different banks, and the block is one contiguous range,
-  // added to the accumulator (which keeps this layout, see BwdWorkspace) by a single bulk
-  // reduction.
-  static constexpr int kDqSwizzleRows = bwd_dq_swizzle_rows(kHeadDim);
+  // dQ block in shared memory, (M, D) fp32 in fragment order (bwd_dq_accum_offset,
+  // bwd_store_dq): one contiguous range, added to the accumulator (which keeps this layout,
+  // see BwdWorkspace) by a single bulk reduction.
   static constexpr int kDqBlockBytes = kBlockM * kHeadDim * sizeof(float);
   // Two dQ buffers, so the compute warpgroups run a block ahead of the writer: its round
   // trip (a bulk reduction into a busy L2, then waiting for its reads) can take about a
@@ -237,7 +234,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>> ds;
     // kPInSmem: P (SmemLayoutdS); a minimal placeholder otherwise.
     alignas(kPInSmem ? 1024 : 16) cute::array_aligned<Element, kPInSmem ? cosize_v<SmemLayoutdS> : 8> p;
-    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // see kDqSwizzleRows
+    alignas(128) float dq[kDqBuffers][kBlockM * kHeadDim];  // bwd_dq_accum_offset
     DqJob dq_jobs[kDqJobs];
     // Per stage: LSE (log2) and D of the query block's rows (+inf and 0 past Lq).
     alignas(16) float lse[kStages][kBlockM];
@@ -344,8 +341,10 @@ __device__ inline float2 ld_shared_f32x2(uint32_t addr) {
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
   return v;
 }
-__device__ inline void st_shared_f32x2(uint32_t addr, float2 v) {
-  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(v.x), "f"(v.y) : "memory");
+__device__ inline void st_shared_f32x4(uint32_t addr, float4 v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v.x), "f"(v.y),
+               "f"(v.z), "f"(v.w)
+               : "memory");
 }
 
 // Asynchronous elementwise fp32 add of `bytes` (a multiple of 16) from shared to global
@@ -917,42 +916,31 @@ __device__ void bwd_zero_dkv_tile(const BwdParams& bp, int64_t key0, int head_k,
   }
 }
 
-// Stores this thread's dQ fragment, (rows, cols) of the (M, D) block, into a dQ buffer
-// (kDqSwizzleRows = S). The thread's elements lie on rows that differ by multiples of 8 and in
-// 8-column chunks at the same offset, so one XOR pattern (row % S) serves them all: the
-// swizzled offset of (row0 + dr, col0 + dc) is base + dr * D + (dc ^ 8 * (row0 % S)), with
-// dr and dc compile-time constants (the swizzle rewrites bits 3 .. 2 + log2 S of the column,
-// which are 0 in col0: a warpgroup's columns start at 0 or D/2, a multiple of 8 S, and a
-// thread's at most 6 past that).
-// Derived per element through the layout, the offsets cost ~4 integer instructions per
-// store (ncu: ~5% of the compute warps' samples). The thread index is opaque so that the
-// base is derived here, per block: hoisted, it stayed live through the main loop and spilled.
+// Stores this thread's dQ fragment into a dQ buffer in fragment order (bwd_dq_accum_offset):
+// warpgroup g's (64, kDqCols) share is floats [g * 64 kDqCols, (g + 1) * 64 kDqCols), and
+// the fragment's float4 j (rows r and r + 8, columns 8 j + 2 (lane % 4) and + 1) of the
+// warpgroup's thread t sits at float j * 512 + 4 t of it. One 16-byte store per float4 from
+// one base: consecutive threads write consecutive 16 bytes, so a warp's store is 4 wavefronts
+// with no bank conflict and no per-store address math (the row-major layout took 16 STS.64
+// and 8 address registers per thread; FA4 hands dQ over the same way).
 // Shared-space stores: through a generic pointer the compiler emits generic stores, which
 // queue behind global memory traffic (ncu: LG-throttle stalls on them).
-template <class Traits, class TiledMma, class Acc>
-__device__ inline void bwd_store_dq(TiledMma& mma_dq, Acc& dq_acc, float* buffer, int thread) {
-  constexpr int kHeadDim = Traits::kHeadDim;
-  const auto shape_dq = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{};
-  Tensor cdQ = mma_dq.get_thread_slice(opaque_int(thread)).partition_C(make_identity_tensor(shape_dq));
-  Tensor coord = make_tensor(cdQ.data(), accum_rowcol(cdQ.layout()));  // (rows, cols) -> (m, d)
-  // Thread 0's coordinates: the same offsets from the first element, known at compile time.
-  Tensor cdQ0 = mma_dq.get_thread_slice(_0{}).partition_C(make_identity_tensor(shape_dq));
-  Tensor coord0 = make_tensor(cdQ0.data(), accum_rowcol(cdQ0.layout()));
-  const int row0 = get<0>(coord(0, 0));
-  const int col0 = get<1>(coord(0, 0));
-  static_assert(Traits::kDqCols % (8 * Traits::kDqSwizzleRows) == 0,
-                "a warpgroup's first dQ column must be a multiple of 8 kDqSwizzleRows");
-  const int swizzle = (row0 % Traits::kDqSwizzleRows) * 8;
-  const uint32_t base = smem_address(buffer) + (row0 * kHeadDim + col0) * sizeof(float);
+template <class Traits, class Acc>
+__device__ inline void bwd_store_dq(const Acc& tdQrdQ, float* buffer) {
+  // tdQrdQ: ((2, 2, kDqCols / 8), 1, 1), one m64nN accumulator in register order.
+  static_assert(decltype(size(tdQrdQ))::value == Traits::kDqCols / 2,
+                "a thread holds one m64 accumulator of its warpgroup's dQ columns");
+  // This thread among the kDqThreads that hold dQ (the compute threads are 128 ..), read
+  // here and opaque so that the base is derived per block: hoisted, it stays live through
+  // the main loop (D=64's window kernels spilled).
+  const int t = (opaque_int(threadIdx.x) - 128) % Traits::kDqThreads;
+  const uint32_t base =
+      smem_address(buffer) + (t / 128 * 64 * Traits::kDqCols + 4 * (t % 128)) * sizeof(float);
   CUTLASS_PRAGMA_UNROLL
-  for (int r = 0; r < size<0>(dq_acc); ++r) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < size<1>(dq_acc); c += 2) {  // (c, c + 1) adjacent
-      const int dr = get<0>(coord0(r, c)) - get<0>(coord0(0, 0));
-      const int dc = get<1>(coord0(r, c)) - get<1>(coord0(0, 0));
-      const uint32_t offset = dr * kHeadDim + (dc ^ swizzle);
-      st_shared_f32x2(base + offset * sizeof(float), make_float2(dq_acc(r, c), dq_acc(r, c + 1)));
-    }
+  for (int j = 0; j < Traits::kDqCols / 8; ++j) {
+    st_shared_f32x4(base + j * 512 * sizeof(float),
+                    make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2),
+                                tdQrdQ(4 * j + 3)));
   }
 }
 
@@ -1019,8 +1007,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   auto desc_sdp = mma_sdp.get_thread_slice(wg_thread0);
   auto desc_dkv = mma_dkv.get_thread_slice(wg_thread0);
   auto desc_dq = mma_dq.get_thread_slice(Traits::kDqSingleWg ? 0 : wg_thread0);
-  // This thread in mma_dq, and whether its warpgroup computes dQ (kDqSingleWg).
-  const int dq_thread = Traits::kDqSingleWg ? thread % 128 : thread;
+  // Whether this thread's warpgroup computes dQ (kDqSingleWg).
   const bool dq_here = !Traits::kDqSingleWg || warpgroup == Traits::kDqWarpgroup;
 
   // dS^T goes to smem with stmatrix: in the (keys, queries) view the queries are contiguous,
@@ -1033,7 +1020,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   // dQ: this warpgroup's half of the (M, D) block (rows or columns, see TiledMmadQ).
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   static_assert(decltype(size(tdQrdQ))::value * Traits::kDqThreads == kBlockM * kHeadDim);
-  Tensor dq_acc = make_tensor(tdQrdQ.data(), accum_rowcol(tdQrdQ.layout()));  // (rows, cols)
 
   // Accumulators: S^T / P^T and dP^T / dS^T (this warpgroup's 64 keys x M queries),
   // dV and dK (64 keys x D), fp32. kDkvT: S / P and dP / dS (64 queries x the warpgroup's 48
@@ -1067,7 +1053,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   // writer, once it has read the previous block out.
   auto hand_off_dq = [&] {
     wait_barrier(&ss.dq_empty[dq_buffer], dq_empty_phase);
-    bwd_store_dq<Traits>(mma_dq, dq_acc, ss.dq[dq_buffer], dq_thread);
+    bwd_store_dq<Traits>(tdQrdQ, ss.dq[dq_buffer]);
     cutlass::arch::fence_view_async_shared();  // generic writes before the bulk reads
     cutlass::arch::ClusterBarrier::arrive(&ss.dq_full[dq_buffer]);
     if (++dq_buffer == Traits::kDqBuffers) {

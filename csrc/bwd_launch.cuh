@@ -37,7 +37,9 @@ void launch_bwd(const BwdParams& bp, const BwdWorkspace& ws, cudaStream_t stream
   const int pre_blocks = blocks_for(
       (static_cast<int64_t>(ws.accum_rows) * p.num_heads + kPreGroups - 1) / kPreGroups,
       bwd_pre_lanes(kHeadDim));
-  const int post_blocks = blocks_for(static_cast<int64_t>(p.total_q) * p.num_heads, kHeadDim / 8);
+  // The postprocess takes the query rows in bands of 16 (bwd_postprocess_body).
+  const int post_blocks =
+      blocks_for((static_cast<int64_t>(p.total_q) + 15) / 16 * 16 * p.num_heads, kHeadDim / 8);
   const ScheduleCapacity capacity =
       ScheduleCapacity::make(p, bwd_schedule_config(kHeadDim, bp.deterministic));
   driver::launch(kernels.preprocess, {static_cast<unsigned>(pre_blocks + 1), kPrePostThreads},

@@ -18,6 +18,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "bwd_api.h"
+#include "gemm.h"
 #include "schedule_build.cuh"
 #include "seqinfo.h"
 
@@ -147,6 +148,7 @@ template <int kHeadDim, class Element>
 __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const BwdWorkspace& ws) {
   constexpr int kVec = 8;
   constexpr int kLanes = kHeadDim / kVec;
+  constexpr int kBlockM = bwd_block_m(kHeadDim);
   const VarlenProblem& p = bp.p;
   // Launched as the main kernel's programmatic dependent: the accumulator is complete and
   // visible only once that grid has finished.
@@ -154,36 +156,33 @@ __device__ __forceinline__ void bwd_postprocess_body(const BwdParams& bp, const 
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kPrePostThreads + threadIdx.x;
   const int64_t group = idx / kLanes;
   const int lane = static_cast<int>(idx % kLanes);
-  if (group >= static_cast<int64_t>(p.total_q) * p.num_heads) return;
-  const int row = static_cast<int>(group / p.num_heads);
-  const int head = static_cast<int>(group % p.num_heads);
+  // Groups in the order (16-row band, head, band row 0, 8, 1, 9, ..., 7, 15): a warp's rows
+  // come in pairs (r, r + 8), whose chunks share the accumulator's 64-byte pieces
+  // (bwd_dq_accum_offset) when the slot's accumulator rows are in step with the bands.
+  const int64_t band_groups = 16 * static_cast<int64_t>(p.num_heads);
+  const int in_band = static_cast<int>(group % band_groups);
+  const int64_t row64 = group / band_groups * 16 + in_band % 2 * 8 + in_band % 16 / 2;
+  if (row64 >= p.total_q) return;
+  const int row = static_cast<int>(row64);
+  const int head = in_band / 16;
   const int arow = bwd_q_to_accum_row(p, row);
   // The block's dq_semaphore word is 0 iff no key block wrote it (bwd_dq_writer): its
   // accumulator rows then hold whatever the workspace held.
   const int64_t at = static_cast<int64_t>(head) * ws.accum_rows + arow;
-  float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
-  if (arow >= 0 && ws.dq_semaphore[bwd_dq_word(at, bwd_block_m(kHeadDim))] != 0) {
-    // This thread's 8 columns are chunk `lane` of the row; the accumulator keeps it at chunk
-    // lane ^ (row % S) (BwdWorkspace; accumulator blocks start at multiples of 8 rows).
-    const int chunk = lane ^ (arow % bwd_dq_swizzle_rows(kHeadDim));
-    const float4* acc =
-        reinterpret_cast<const float4*>(ws.dq_accum + at * kHeadDim + chunk * kVec);
-    a = acc[0];
-    b = acc[1];
+  float2 v[kVec / 2] = {};
+  if (arow >= 0 && ws.dq_semaphore[bwd_dq_word(at, kBlockM)] != 0) {
+    // This thread's 8 columns, chunk `lane` of the row, are 4 pairs at 16-byte steps of the
+    // block's fragment order (accumulator blocks start at multiples of kBlockM rows).
+    const int block_row = arow % kBlockM;
+    const float* acc = ws.dq_accum + (at - block_row) * kHeadDim +
+                       bwd_dq_accum_offset(kHeadDim, block_row, lane * kVec);
+    for (int k = 0; k < kVec / 2; ++k) v[k] = *reinterpret_cast<const float2*>(acc + 4 * k);
   }
   const float s = p.softmax_scale;
-  cutlass::Array<Element, kVec> out;
-  out[0] = Element(a.x * s);
-  out[1] = Element(a.y * s);
-  out[2] = Element(a.z * s);
-  out[3] = Element(a.w * s);
-  out[4] = Element(b.x * s);
-  out[5] = Element(b.y * s);
-  out[6] = Element(b.z * s);
-  out[7] = Element(b.w * s);
+  auto pair = [&](int k) { return pack_pair<Element>(v[k].x * s, v[k].y * s); };
   Element* dq = static_cast<Element*>(bp.dq) + row * bp.dq_stride.row +
                 head * bp.dq_stride.head + lane * kVec;
-  *reinterpret_cast<cutlass::Array<Element, kVec>*>(dq) = out;
+  st_global_16b(dq, make_uint4(pair(0), pair(1), pair(2), pair(3)));
 }
 
 }  // namespace prefixlm

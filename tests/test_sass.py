@@ -170,6 +170,18 @@ def test_backward_keeps_products_in_flight(sass):
         assert in_flight >= 1, f"{name}: no wait leaves a product in flight (wgmma serialised?)"
 
 
+def test_backward_dq_hand_off_stores_16_bytes(sass):
+    """The compute warpgroups hand dQ to the writer in fragment order (csrc/bwd_kernel.cuh,
+    bwd_store_dq): one STS.128 per accumulator float4, D/16 to D/8 per thread, from one base.
+    The row-major layout before it took twice as many 8-byte stores, each with its own address
+    math."""
+    names = [n for n in sass if n.startswith("prefixlm_bwd_d")]  # main kernels
+    assert len(names) >= 4, f"expected the 4 backward instantiations, found {names}"
+    for name in names:
+        wide = sum(bool(re.match(r"STS\.128\b", ins)) for _, ins in sass[name])
+        assert wide >= 8, f"{name}: {wide} 16-byte shared stores, expected dQ's hand-off"
+
+
 def test_no_local_memory(sass):
     assert sass, "no kernels found in the extension"
     for name, code in sass.items():
@@ -181,13 +193,15 @@ def test_epilogues_store_16_bytes(sass):
     """O (forward) and dK / dV (backward) leave the accumulators through a transpose over each
     quad and 16-byte stores (gemm.h, store_row_16b). One 4-byte store per pair filled the
     global store queue (bwd-notes v17: +5-10% on 512-2k-token batches), and ptxas splits a
-    chunk into 4-byte stores when it can (bwd-notes v19). What may stay narrower: the
-    forward's LSE (one float per row)."""
-    names = [n for n in sass if re.match(r"prefixlm_(fwd|bwd)_d", n)]
-    assert len(names) >= 12, f"expected the forward and backward main kernels, found {names}"
+    chunk into 4-byte stores when it can (bwd-notes v19). The backward's postprocess writes
+    dq in 16-byte chunks too (it stored 4 bytes at a time through a cutlass::Array). What may
+    stay narrower: the forward's LSE (one float per row)."""
+    names = [n for n in sass if re.match(r"prefixlm_(fwd|bwd|bwd_post)_d", n)]
+    assert len(names) >= 16, f"expected the forward and backward kernels, found {names}"
     for name in names:
         wide = sum(bool(re.search(r"\bSTG\.E\.128\b", ins)) for _, ins in sass[name])
         narrow = [ins for _, ins in sass[name] if re.search(r"\bSTG\.E(\.64)?\s", ins)]
-        assert wide >= 4, f"{name}: {wide} 16-byte stores, expected the epilogue's chunks"
+        expected = 1 if name.startswith("prefixlm_bwd_post_") else 4
+        assert wide >= expected, f"{name}: {wide} 16-byte stores, expected the epilogue's chunks"
         limit = 4 * _consumers(name) if name.startswith("prefixlm_fwd_") else 0
         assert len(narrow) <= limit, f"{name}: narrow global stores {narrow[:4]}"
