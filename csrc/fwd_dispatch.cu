@@ -38,10 +38,7 @@ void run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream) {
   switch (p.head_dim) {
     case 96:
       if (p.extended()) return run_extended<96>(params, workspace, stream);
-      if (fwd_block_rows(p) == 192) {
-        if (fwd_block_cols(p) == 112) return run_typed<96, 192, 112>(params, workspace, stream);
-        return run_typed<96, 192, 144>(params, workspace, stream);
-      }
+      if (fwd_block_rows(p) == 192) return run_typed<96, 192, 112>(params, workspace, stream);
       return run_typed<96, 128, 128>(params, workspace, stream);
     case 64:
       if (p.extended()) return run_extended<64>(params, workspace, stream);

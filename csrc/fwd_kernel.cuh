@@ -52,22 +52,17 @@ struct FwdTraits {
   // Key columns per block: 128, or 176 at D=128 for long sequences (fwd_schedule.h): a third
   // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills. D=256 takes
   // 80: its O holds 128 registers, beside S 40 + P 20; D=192 takes 112, for its K/V stages to
-  // fit (216 KB with one Q buffer). D=96's 192-row tiles take 112 (fwd_schedule.h), or 144
-  // with P in shared memory.
+  // fit (216 KB with one Q buffer). D=96's 192-row tiles take 112 (fwd_schedule.h), the
+  // widest whose S and P fit in registers beside O (192 x 144 with P in shared memory had
+  // measured +11% at full 8k, but by estimate was bound by shared-memory bandwidth: perf-notes,
+  // third session of 2026-12-06).
   static constexpr int kBlockN = kBlockN_;
   static_assert(kHeadDim == 256   ? kBlockN == 80
                 : kHeadDim == 192 ? kBlockN == 112
                                   : kBlockN == 128 || (kBlockN == 176 && kHeadDim == 128) ||
-                                        ((kBlockN == 144 || kBlockN == 112) && kHeadDim == 96 &&
-                                         kBlockM == 192),
+                                        (kBlockN == 112 && kHeadDim == 96 && kBlockM == 192),
                 "unsupported tile");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
-  // P in shared memory: the P V product reads P from there (SS) instead of from registers, so
-  // that a thread holds S and O but never P: D=96's 192 x 144 tiles (S 72 + O 48 of 160
-  // registers; with P in registers too they spilled). The price is a stmatrix of P per
-  // block and P's operand reads, by estimate enough to bind that tile to shared-memory
-  // bandwidth (perf-notes, third session of 2026-12-06).
-  static constexpr bool kPInSmem = kConsumerWarpgroups == 3 && kHeadDim > 64 && kBlockN > 112;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   // The running maximum's O rescale is an FMUL per O element per block whichever row moved;
   // it is skipped for a warp none of whose rows moved its reference (OnlineSoftmax
@@ -87,12 +82,9 @@ struct FwdTraits {
   // Two Q buffers: the next tile's Q loads while this tile finishes and writes its output.
   // 176-column K/V stages leave room for one (208 KB of shared memory), so do D=192's and
   // D=256's (a Q tile of 48 / 64 KB and 112 / 80-key stages: 216 / 224 KB).
-  // Two where they fit beside the K/V stages and the P tile: not with 176 columns at D=128, at
-  // D=192 and 256, or at 192 x 144 (D=96).
-  static constexpr int kKVPBytes =
-      (2 * kStages * kBlockN * kHeadDim + (kPInSmem ? kBlockM * kBlockN : 0)) * sizeof(Element);
   static constexpr int kQBuffers =
-      kKVPBytes + 2 * kBlockM * kHeadDim * int(sizeof(Element)) <= 216 * 1024 ? 2 : 1;
+      (2 * kStages * kBlockN + 2 * kBlockM) * kHeadDim * int(sizeof(Element)) <= 216 * 1024 ? 2
+                                                                                           : 1;
   // setmaxnreg split of the 64K registers: the producer warpgroup keeps 24.
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = kConsumerWarpgroups == 2 ? 240 : 160;
@@ -108,13 +100,9 @@ struct FwdTraits {
       GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), AtomLayout{}));
   // P comes from registers; V^T is read from the V tile, which is row-major (N, D) in smem,
   // i.e. MN-major for this product.
-  // kPInSmem: P from its (M, N) tile in shared memory, N contiguous (K-major).
   using TiledMmaPV = decltype(make_tiled_mma(
-      conditional_t<kPInSmem,
-                    decltype(GMMA::ss_op_selector<Element, Element, float, TileShapePV,
-                                                  GMMA::Major::K, GMMA::Major::MN>()),
-                    decltype(GMMA::rs_op_selector<Element, Element, float, TileShapePV,
-                                                  GMMA::Major::K, GMMA::Major::MN>())>{},
+      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K,
+                           GMMA::Major::MN>(),
       AtomLayout{}));
 
   // 128-byte swizzled tiles where D is a multiple of 64 elements (128 bytes); D = 96 takes
@@ -124,11 +112,6 @@ struct FwdTraits {
       SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));  // (M, D, buffers)
   using SmemLayoutKV = decltype(tile_to_shape(
       SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));  // (N, D, stages)
-  // kPInSmem: P of the whole tile, (M, N), N contiguous; each warpgroup writes and reads its
-  // own 64 rows (a minimal placeholder otherwise).
-  using SmemLayoutP = decltype(tile_to_shape(
-      KMajorSwizzleAtom<Element, kBlockN>{},
-      Shape<Int<kPInSmem ? kBlockM : 8>, Int<kPInSmem ? kBlockN : 64>>{}));  // (M, N)
   // The same V bytes seen as (D, N, stages) for the PV product.
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
@@ -160,9 +143,6 @@ struct FwdTraits {
     alignas(8) uint64_t q_empty[kQBuffers];  // consumers are done reading Q
     typename Handoff::SharedStorage handoff;
     float2 softmax_pin[kConsumerThreads];  // written, never read: see fwd_consumer
-    // kPInSmem: P (SmemLayoutP); a minimal placeholder otherwise, last so that it moves
-    // nothing else.
-    alignas(kPInSmem ? 1024 : 16) cute::array_aligned<Element, kPInSmem ? cosize_v<SmemLayoutP> : 8> p;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 CTA can have");
@@ -422,16 +402,6 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
   // P in the input precision, laid out as the register A operand of the PV product.
   Tensor tOrP = make_tensor_like<Element>(tSrS);
   Tensor tOrP_a = make_tensor(tOrP.data(), accum_as_operand_a(tOrP.layout()));
-  // The P V product's A operand: tOrP_a (a view of tOrP), or with kPInSmem this warpgroup's
-  // 64 rows of the P tile (descriptors, (MMA, MMA_M, MMA_K)).
-  Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutP{});  // (M, N)
-  auto tOaP = [&] {
-    if constexpr (Traits::kPInSmem) {
-      return desc_pv.partition_fragment_A(sP);
-    } else {
-      return tOrP_a;
-    }
-  }();
 
   PipelineState read_state;
   if (consumer_wg == kWgs - 1) pass_turn<kWgs>(consumer_wg);  // warpgroup 0 takes the first turn
@@ -466,7 +436,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&ss.q_empty[q_buf]); };
       // O += P V of the block in `state` (issued, not waited for).
       auto issue_pv = [&](PipelineState state) {
-        warpgroup_gemm_issue<false>(mma_pv, tOaP, tOrV(_, _, _, state.index()), tOrO);
+        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
       };
       bool rescale_o_needed = true;  // softmax_block's: some row's O factor is not 1
       // Mask and online softmax of key block n: S -> P (fp32, in tSrS); `rescale` is the
@@ -494,20 +464,10 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         }
         rescale_o_needed = softmax.update(scores, rescale);
       };
-      // P to the input precision, as the A operand of the next P V product. kPInSmem: to the
-      // P tile (stmatrix), which the previous P V product has finished reading (it was waited
-      // for). Each warp writes the 16 rows its own part of that product reads, so a fence and
-      // a warp barrier order the writes before it.
+      // P to the input precision, as the A operand of the next P V product.
       auto convert_p = [&] {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tOrP(i) = Element(tSrS(i));
-        if constexpr (Traits::kPInSmem) {
-          auto copy_p = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_qk);
-          auto thr_copy_p = copy_p.get_thread_slice(thread);
-          copy(copy_p, thr_copy_p.retile_S(tOrP), thr_copy_p.partition_D(sP));
-          cutlass::arch::fence_view_async_shared();
-          __syncwarp();
-        }
       };
       auto rescale_o = [&](const float (&rescale)[kRows]) {
         CUTLASS_PRAGMA_UNROLL
@@ -561,7 +521,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         // needs every row's sum, so the softmax stays under the product (tests/test_sass.py).
         ss.softmax_pin[thread] = make_float2(softmax.row_sum[0], softmax.row_sum[kRows - 1]);
         warpgroup_wait<0>();
-        fence_after_wait(tOaP, tOrO);
+        fence_after_wait(tOrP_a, tOrO);
         pipeline_v.consumer_release(v_state);
         if (!kFixedMax && rescale_o_needed) rescale_o(rescale);
         convert_p();
@@ -575,7 +535,7 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       issue_pv(v_state);
       pass_turn<kWgs>(consumer_wg);
       warpgroup_wait<0>();
-      fence_after_wait(tOaP, tOrO);
+      fence_after_wait(tOrP_a, tOrO);
       pipeline_v.consumer_release(v_state);
       ++q_loads;
     }
