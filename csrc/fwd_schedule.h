@@ -9,14 +9,19 @@ namespace prefixlm {
 // except for short causal sequences, whose 192-row tiles cost up to 1.35x the work of 128-row
 // ones (a 512-token sequence: 9 x 192 against 10 x 128 row-blocks); the average slot length
 // is the host-known measure of "short". D = 96 takes 192 rows (and 112 columns, P in
-// registers) when the average slot holds at least kFwdD96TallRows rows: the 192 x 144 tile
-// with P in shared memory gained +11% at full 8k but nothing under a causal mask, and by
-// estimate is bound by shared-memory bandwidth (perf-notes, third session of 2026-12-06).
+// registers) when the average slot holds at least kFwdD96TallRows rows, and at least
+// kFwdD96TallRowsCausal under a causal mask (PrefixLM included). Same-call A/B on the H100
+// against 128 x 128: full 2k +8%, 8k +5%, 16k +5%; causal 2048 -4%, 2560 -4%, 3072 +5%, 4096
+// equal, 8192 +3% (perf-notes, third session of 2026-12-07).
 // D >= 128 uses 128.
 inline constexpr long long kFwdD96TallRows = 2048;
+inline constexpr long long kFwdD96TallRowsCausal = 3072;
 inline int fwd_block_rows(const VarlenProblem& p) {
   if (p.extended()) return 128;
-  if (p.head_dim == 96) return p.total_q >= kFwdD96TallRows * p.batch ? 192 : 128;
+  if (p.head_dim == 96) {
+    const long long tall_rows = p.causal ? kFwdD96TallRowsCausal : kFwdD96TallRows;
+    return p.total_q >= tall_rows * p.batch ? 192 : 128;
+  }
   if (p.head_dim > 64) return 128;
   const bool short_causal = p.causal && p.total_q <= 1024LL * p.batch;
   return short_causal ? 128 : 192;

@@ -149,12 +149,14 @@ def test_forward_d128_long_sequences_176_key_columns(mode):
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_d96_tall_tiles(mode, cross, dtype):
-    """D=96 takes 192-row tiles when the average slot holds at least 2048 rows
-    (csrc/fwd_schedule.h): partial row and key blocks, Lq != Lk, prefixes and padding on that
-    path too."""
-    b = mixed_batch(96 + cross + 2 * len(mode), mode, lengths=(1, 2100, 3000, 4224), cross=cross,
+    """D=96 takes 192-row tiles when the average slot holds at least 2048 rows, 3072 under a
+    causal mask (csrc/fwd_schedule.h): partial row and key blocks, Lq != Lk, prefixes and
+    padding on that path too."""
+    lengths = (1, 2100, 3000, 4224) if mode == "full" else (1, 4100, 6000, 8448)
+    b = mixed_batch(96 + cross + 2 * len(mode), mode, lengths=lengths, cross=cross,
                     heads=2, heads_k=1, head_dim=96, dtype=dtype, device=DEVICE)
-    assert b.q.shape[0] >= 2048 * (b.cu_seqlens_q.numel() - 1)
+    tall_rows = 2048 if mode == "full" else 3072
+    assert b.q.shape[0] >= tall_rows * (b.cu_seqlens_q.numel() - 1)
     check_forward(b, max_chunk_elems=1 << 25)
 
 
