@@ -53,9 +53,9 @@ struct FwdTraits {
   // fewer iterations per tile, S 88 + P 44 + O 64 registers still without spills. D=256 takes
   // 80: its O holds 128 registers, beside S 40 + P 20; D=192 takes 112, for its K/V stages to
   // fit (216 KB with one Q buffer). D=96's 192-row tiles take 112 (fwd_schedule.h), the
-  // widest whose S and P fit in registers beside O (192 x 144 with P in shared memory had
-  // measured +11% at full 8k, but by estimate was bound by shared-memory bandwidth: perf-notes,
-  // third session of 2026-12-06).
+  // widest whose S and P fit in registers beside O: +5% at full 8k and 16k over 192 x 144
+  // with P in shared memory, which was bound by shared-memory bandwidth (perf-notes, third
+  // sessions of 2026-12-06 and 2026-12-07).
   static constexpr int kBlockN = kBlockN_;
   static_assert(kHeadDim == 256   ? kBlockN == 80
                 : kHeadDim == 192 ? kBlockN == 112
