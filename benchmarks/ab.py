@@ -62,18 +62,21 @@ def parse_case(spec: str):
 
 
 def worker(specs: list[str]) -> dict:
-    """Times this process's prefixlm_fa3 on every case: {spec: [fwd TF/s, bwd TF/s]}."""
+    """Times this process's prefixlm_fa3 on every case: {spec: [fwd TF/s, bwd TF/s]}. The first
+    case is timed twice and its first timing dropped: after the GPU warm-up it still read up
+    to 8% off in either direction on the H100 (the same build and case, two rounds of one
+    call: 427 / 392 fwd TF/s), where later cases agree within 1-3% between rounds."""
     from benchmarks import cases, peers, timing
 
     bench = timing.make_bench(25, 100)
     timing.warm_up_gpu(1.0)
     result = {}
-    for spec in specs:
+    for spec in specs[:1] + specs:
         d, batch = parse_case(spec)
         inp = cases.make_inputs(batch, d)
         t, _, _ = timing.measure(spec, lambda: peers.OURS.build(batch, inp, True), bench, True)
         row = t.to_dict(batch.fwd_flops(d))
-        result[spec] = [row["fwd_tflops"], row["bwd_tflops"]]
+        result[spec] = [row["fwd_tflops"], row["bwd_tflops"]]  # the first case's 2nd wins
     return result
 
 
