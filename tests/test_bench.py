@@ -260,8 +260,7 @@ def test_ab_sigterm_keeps_the_rounds_finished_so_far(monkeypatch, tmp_path):
 
     from benchmarks import ab
 
-    monkeypatch.setattr(ab, "stage", lambda build, root: root / build_name)
-    build_name = "x"
+    monkeypatch.setattr(ab, "stage", lambda build, root: root / build.name)
     calls = []
 
     def fake_run(cmd, **kwargs):
