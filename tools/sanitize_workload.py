@@ -2,7 +2,7 @@
 """A small workload for compute-sanitizer: forward + backward (deterministic off and on) of
 padded PrefixLM batches at D=64, 96, 128, 192 and 256, GQA and Lq != Lk included, the same with
 a sliding window (the window kernels) or a softcap, plus a batch whose cu_seqlens decrease, and
-a forward on D=96's 192-row tiles. Run it under each tool, e.g.
+forwards on D=96's 192-row tiles (full, causal, PrefixLM). Run it under each tool, e.g.
 
     compute-sanitizer --tool racecheck --racecheck-report hazard python3 tools/sanitize_workload.py
     compute-sanitizer --tool synccheck python3 tools/sanitize_workload.py
@@ -63,10 +63,15 @@ def main():
                 calls += 1
     # D=96's 192 x 112 forward tiles: full mask, average slot of at least 2048 rows
     # (csrc/fwd_schedule.h), partial row and key blocks, padding.
-    tall = packed_batch([2100, 2049], [2061, 2100], pad_q=[3, 0], pad_k=[0, 5], tail_q=2,
-                        causal=False, heads=1, head_dim=96, device="cuda", seed=96)
-    torch.ops.prefixlm.varlen_fwd(tall.q, tall.k, tall.v, *tall.op_args(96 ** -0.5),
-                                  **tall.mask_kwargs())
+    # Under a causal mask (PrefixLM included) they start from an average slot of 3072 rows.
+    tall = [packed_batch([2100, 2049], [2061, 2100], pad_q=[3, 0], pad_k=[0, 5], tail_q=2,
+                         causal=False, heads=1, head_dim=96, device="cuda", seed=96),
+            packed_batch([3100, 3073], pad_q=[3, 0], tail_q=2, causal=True, heads=1,
+                         head_dim=96, device="cuda", seed=97),
+            packed_batch([3090, 3100], pad_q=[0, 7], prefix=[1000, 3], causal=True, heads=1,
+                         head_dim=96, device="cuda", seed=98)]
+    for b in tall:
+        torch.ops.prefixlm.varlen_fwd(b.q, b.k, b.v, *b.op_args(96 ** -0.5), **b.mask_kwargs())
     torch.cuda.synchronize()
     print(f"sanitize workload: {len(batches) * 2 + calls} backward calls done")
 
