@@ -175,6 +175,8 @@ struct BwdTraits {
   // blocks have room for two.
   // kSplitD and kDkvT keep one, and one of P.
   static constexpr int kDsBuffers = kHeadDim <= 64 ? 2 : 1;
+  static_assert(!kDqSingleWg || kDsBuffers == 1,
+                "kDqSingleWg's arrive-only meeting relies on ds_free (one dS buffer)");
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
   // b - kStages - 1, so the writer has taken block b - kStages - 1 - kDqBuffers: a ring of
@@ -267,8 +269,20 @@ struct BwdKernelParams {
   float softcap_scale;  // kSoftcap: softmax_scale / softcap
 };
 
+// Every backward product: smem descriptors advanced with 64-bit adds (gemm.h, kDescAdd64).
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ inline void bwd_gemm_issue(TiledMma& mma, TA const& tA, TB const& tB, TC& tC) {
+  warpgroup_gemm_issue<kZeroInit, true>(mma, tA, tB, tC);
+}
+
 // Named barrier 1: the two compute warpgroups (0 is __syncthreads).
 __device__ inline void bwd_consumers_sync() { cutlass::arch::NamedBarrier::sync(256, 1); }
+__device__ inline void bwd_consumers_arrive() { cutlass::arch::NamedBarrier::arrive(256, 1); }
+// Named barrier 3: the compute warpgroups have zero-filled a query block's padding rows. Not
+// barrier 1: with kDqSingleWg, warpgroup 0 only arrives at a block's meeting and may reach
+// the next block's zero-fill before warpgroup 1 has reached the meeting; on barrier 1 its two
+// arrivals would complete the meeting's generation without warpgroup 1.
+__device__ inline void bwd_zero_fill_sync() { cutlass::arch::NamedBarrier::sync(256, 3); }
 
 // Named barrier 2: warpgroup 1 issues a query block's S^T and dP^T only after warpgroup 0's
 // S^T has landed. Issued together, the tensor cores interleave the two warpgroups' products,
@@ -277,7 +291,8 @@ __device__ inline void bwd_consumers_sync() { cutlass::arch::NamedBarrier::sync(
 // FlashAttention-4's for the same instruction count); staggered, warpgroup 0's exponentials
 // run while warpgroup 1's S^T is computed. One arrive and one sync per query block: the
 // meeting (barrier 1) of every block keeps warpgroup 0 from arriving twice before warpgroup 1
-// has waited once, so arrivals of two blocks never mix.
+// has waited once, so arrivals of two blocks never mix. Not with kDqSingleWg, whose meeting
+// warpgroup 0 only arrives at (see the dS hand-off).
 __device__ inline void bwd_stagger_wait(int warpgroup) {
   if (warpgroup == 1) cutlass::arch::NamedBarrier::sync(256, 2);
 }
@@ -966,7 +981,7 @@ __device__ inline void bwd_issue_dv(TiledMma& mma_dkv, const AccS& tSrS, FragP& 
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
   }
-  warpgroup_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt, tdVrdV);
+  bwd_gemm_issue<false>(mma_dkv, tPrP_a, tdVrdOt, tdVrdV);
 }
 
 template <class Traits>
@@ -1041,6 +1056,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
   Tensor tdSrdS = make_tensor_like<Element>(tdPrdP);
   Tensor tdSrdS_a = make_tensor(tdSrdS.data(), accum_as_operand_a(tdSrdS.layout()));
   Tensor tdSrdS_copy = thr_copy_ds.retile_S(tdSrdS);  // (CPY, CPY_M, CPY_N)
+  // This thread's stmatrix destinations, derived once: per block, from the opaque base the
+  // descriptors use, each took a 64-bit swizzle computation (about 30 instructions a block).
+  Tensor tdSsdS = thr_copy_ds.partition_D(make_tensor(
+      make_smem_ptr(ss.ds.data()),
+      typename Traits::SmemLayoutPdSAcc{}));  // (CPY, CPY_M, CPY_N, kDsBuffers)
 
   int stage = 0;
   uint32_t full_phase = 0;
@@ -1132,9 +1152,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           Tensor oV = make_tensor(make_smem_ptr(so.v.data()), typename Traits::SmemLayoutK{});
           Tensor odS = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdS{});
           Tensor odSt = make_tensor(make_smem_ptr(so.ds.data()), typename Traits::SmemLayoutdSt{});
-          Tensor tdSsdS = thr_copy_ds.partition_D(make_tensor(
-              make_smem_ptr(so.ds.data()),
-              typename Traits::SmemLayoutPdSAcc{}));  // (CPY, CPY_M, CPY_N, kDsBuffers)
           Tensor tPsP = thr_copy_ds.partition_D(make_tensor(
               make_smem_ptr(so.p.data()), typename Traits::SmemLayoutPdSAcc{}));  // kPInSmem
           // S^T and dP^T: A = this warpgroup's K / V rows, B = Q / dO (per stage); dV / dK:
@@ -1157,13 +1174,13 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_zero_tile_rows<kBlockM, kHeadDim>(sQ(_, _, stage), mask.len_q - m0, thread);
             bwd_zero_tile_rows<kBlockM, kHeadDim>(sdO(_, _, stage), mask.len_q - m0, thread);
             cutlass::arch::fence_view_async_shared();
-            bwd_consumers_sync();
+            bwd_zero_fill_sync();
           }
           if constexpr (Traits::kDkvT) {
             // D = 192 (BwdTraits::kDkvT). Stage "S, dP": the block's 64 queries against this
             // warpgroup's 48 keys; P is computed as soon as S lands.
-            warpgroup_gemm_issue<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
-            warpgroup_gemm_issue<true>(mma_sdp, tSrdO(_, _, _, stage), tSrV, tdPrdP);
+            bwd_gemm_issue<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
+            bwd_gemm_issue<true>(mma_sdp, tSrdO(_, _, _, stage), tSrV, tdPrdP);
             const auto lse = bwd_load_query_values<true>(so.lse[stage], scores_coord);
             warpgroup_wait<1>();
             fence_after_wait(tSrQ, tSrS);
@@ -1184,9 +1201,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             // producer loads the next block's while dQ runs and is handed off.
             Tensor tdVrP = desc_dkv.partition_fragment_B(oPt);    // (MMA, MMA_N, MMA_K, 1)
             Tensor tdKrdS = desc_dkv.partition_fragment_B(odSt);
-            warpgroup_gemm_issue<false>(mma_dkv, tdVrdOt(_, _, _, stage), tdVrP(_, _, _, 0), tdVrdV);
-            warpgroup_gemm_issue<false>(mma_dkv, tdKrQt(_, _, _, stage), tdKrdS(_, _, _, 0), tdKrdK);
-            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
+            bwd_gemm_issue<false>(mma_dkv, tdVrdOt(_, _, _, stage), tdVrP(_, _, _, 0), tdVrdV);
+            bwd_gemm_issue<false>(mma_dkv, tdKrQt(_, _, _, stage), tdKrdS(_, _, _, 0), tdKrdK);
+            bwd_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
             warpgroup_wait<1>();  // dV^T and dK^T done: Q, dO and P are free
             warpgroup_fence_operand(tdVrdV);
             warpgroup_fence_operand(tdKrdK);
@@ -1198,8 +1215,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           } else if constexpr (Traits::kSplitD) {
             // D = 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
             // against the tile's 64 keys; P^T is computed as soon as S^T lands.
-            warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-            warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+            bwd_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+            bwd_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
             const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
@@ -1216,9 +1233,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             // while dV and dK run.
             Tensor tdVrPt = desc_dkv.partition_fragment_A(oPt);  // (MMA, MMA_M, MMA_K, 1)
             Tensor tdKrdSt = desc_dkv.partition_fragment_A(odSt);
-            warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
-            warpgroup_gemm_issue<false>(mma_dkv, tdVrPt(_, _, _, 0), tdVrdOt(_, _, _, stage), tdVrdV);
-            warpgroup_gemm_issue<false>(mma_dkv, tdKrdSt(_, _, _, 0), tdKrQt(_, _, _, stage), tdKrdK);
+            bwd_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
+            bwd_gemm_issue<false>(mma_dkv, tdVrPt(_, _, _, 0), tdVrdOt(_, _, _, stage), tdVrdV);
+            bwd_gemm_issue<false>(mma_dkv, tdKrdSt(_, _, _, 0), tdKrQt(_, _, _, stage), tdKrdK);
             warpgroup_wait<2>();  // dQ done
             warpgroup_fence_operand(tdQrdQ);
             hand_off_dq();
@@ -1232,12 +1249,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             // The LSE loads go first: issued after the products, they queue behind the
             // products' shared-memory operand reads.
             const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
-            bwd_stagger_wait(warpgroup);
-            warpgroup_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-            warpgroup_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
+            if constexpr (!Traits::kDqSingleWg) bwd_stagger_wait(warpgroup);
+            bwd_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+            bwd_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
-            bwd_stagger_release(warpgroup);
+            if constexpr (!Traits::kDqSingleWg) bwd_stagger_release(warpgroup);
 
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
                                       params.softcap_scale, p_in, so.lse[stage]);
@@ -1271,13 +1288,23 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
               // the meeting for this half of dS, is not kept waiting for it; it runs meanwhile.
               bwd_issue_dv<Traits>(mma_dkv, tSrS, tPrP, tPrP_a, tdVrdOt(_, _, _, stage), tdVrdV);
             }
-            bwd_consumers_sync();  // both halves of dS are in smem
+            // Both halves of dS are in smem once both warpgroups are here. kDqSingleWg: only
+            // the dQ warpgroup reads the other's half, so the other arrives and goes on (its
+            // dK, its next block's S^T) while dQ runs. It cannot arrive twice before the dQ
+            // warpgroup has synced once: its next dS store waits on ds_free, which the dQ
+            // warpgroup arrives at only after this block's dQ product.
+            if constexpr (Traits::kDqSingleWg) {
+              if (dq_here) bwd_consumers_sync();
+              else bwd_consumers_arrive();
+            } else {
+              bwd_consumers_sync();
+            }
             // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
             // dK += dS^T Q (dS^T from registers) runs.
             // kDqSingleWg: the warpgroup without dQ issues dK alone (separate paths: with the
             // dQ issue and hand-off under conditions on one path, ptxas serialised the wgmma).
             auto issue_dk = [&] {
-              warpgroup_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
+              bwd_gemm_issue<false>(mma_dkv, tdSrdS_a, tdKrQt(_, _, _, stage), tdKrdK);
               warpgroup_wait<1>();  // dV (and dQ) done; dK may still run
               fence_after_wait(tPrP_a, tdVrdV);
               warpgroup_fence_operand(tdQrdQ);
@@ -1285,7 +1312,7 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
               if (++ds_buffer == Traits::kDsBuffers) ds_buffer = 0;
             };
             if (dq_here) {
-              warpgroup_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
+              bwd_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, ds_buffer), tdQrK, tdQrdQ);
               issue_dk();
               hand_off_dq();
             } else {
