@@ -143,8 +143,9 @@ struct BwdTraits {
   // swizzled MN-major operand, hence D = 64's 128 rows).
   // D = 96 (kDqSingleWg): warpgroup kDqWarpgroup computes all of it (64 x 96), the other none:
   // one product of N = 96 reads dS once instead of twice, and the dQ hand-off is that
-  // warpgroup's alone. Warpgroup 1, which the stagger starts later, so that the other runs
-  // its next S^T and exponentials meanwhile.
+  // warpgroup's alone. Warpgroup 1: warpgroup 0 only arrives at the meeting and runs its dK
+  // and its next block's S^T and exponentials while warpgroup 1 computes dQ (the two drift
+  // apart by themselves, so D = 96 has no stagger).
   static constexpr bool kDqSplitRows = kBlockM == 128;
   static constexpr bool kDqSingleWg = bwd_dq_single_warpgroup(kHeadDim);
   static constexpr int kDqWarpgroup = 1;
