@@ -149,6 +149,9 @@ struct BwdTraits {
   static constexpr bool kDqSplitRows = kBlockM == 128;
   static constexpr bool kDqSingleWg = bwd_dq_single_warpgroup(kHeadDim);
   static constexpr int kDqWarpgroup = 1;
+  // The warpgroups' stagger (bwd_stagger_wait): D = 128 only. D = 96 has none (see above);
+  // D = 64 measured without it.
+  static constexpr bool kStagger = !kDqSingleWg && kBlockM == 64;
   static constexpr int kDqThreads = kDqSingleWg ? 128 : 256;  // threads that hold dQ
   static constexpr int kDqCols = bwd_dq_cols(kHeadDim);  // kHeadDim, or half with two shares
   static_assert(kDqCols % 16 == 0, "a warpgroup's dQ columns are whole atoms");
@@ -1250,12 +1253,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             // The LSE loads go first: issued after the products, they queue behind the
             // products' shared-memory operand reads.
             const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
-            if constexpr (!Traits::kDqSingleWg) bwd_stagger_wait(warpgroup);
+            if constexpr (Traits::kStagger) bwd_stagger_wait(warpgroup);
             bwd_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
             bwd_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
-            if constexpr (!Traits::kDqSingleWg) bwd_stagger_release(warpgroup);
+            if constexpr (Traits::kStagger) bwd_stagger_release(warpgroup);
 
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
                                       params.softcap_scale, p_in, so.lse[stage]);
