@@ -1183,9 +1183,11 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           if constexpr (Traits::kDkvT) {
             // D = 192 (BwdTraits::kDkvT). Stage "S, dP": the block's 64 queries against this
             // warpgroup's 48 keys; P is computed as soon as S lands.
+            // The LSE loads first, as at D <= 128 (behind the products' operand reads
+            // otherwise).
+            const auto lse = bwd_load_query_values<true>(so.lse[stage], scores_coord);
             bwd_gemm_issue<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
             bwd_gemm_issue<true>(mma_sdp, tSrdO(_, _, _, stage), tSrV, tdPrdP);
-            const auto lse = bwd_load_query_values<true>(so.lse[stage], scores_coord);
             warpgroup_wait<1>();
             fence_after_wait(tSrQ, tSrS);
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
@@ -1219,9 +1221,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
           } else if constexpr (Traits::kSplitD) {
             // D = 256 (BwdTraits::kSplitD). Stage "S, dP": this warpgroup's 32 queries
             // against the tile's 64 keys; P^T is computed as soon as S^T lands.
+            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);  // first
             bwd_gemm_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
             bwd_gemm_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), tdPrdP);
-            const auto lse = bwd_load_query_values(so.lse[stage], scores_coord);
             warpgroup_wait<1>();
             fence_after_wait(tSrK, tSrS);
             bwd_probabilities<Traits>(scores, scores_coord, lse, mask, m0, n0, params.scale_log2,
