@@ -5,8 +5,8 @@ The forward's speed rests on a schedule ptxas is free to undo: the softmax of ke
 for O += P V of block n+1, so the tensor cores work on P V while the softmax runs. ptxas hoists
 a wgmma wait to the top of its basic block unless something pins it (csrc/fwd_kernel.cuh,
 `softmax_pin`); a compiler that silently drops that overlap must fail here. The backward must
-keep products in flight (no wgmma serialisation), the epilogues must write 16-byte chunks, and
-no kernel may use local memory (spills, stack arrays).
+keep products in flight (no wgmma serialisation) and advance its descriptors in 64 bits, the
+epilogues must write 16-byte chunks, and no kernel may use local memory (spills, stack arrays).
 
 Needs the built extension, and cuobjdump with nvdisasm beside it (CUDA toolkit, or the pip
 packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which the README's set-up installs).
@@ -180,6 +180,22 @@ def test_backward_dq_hand_off_stores_16_bytes(sass):
     for name in names:
         wide = sum(bool(re.match(r"STS\.128\b", ins)) for _, ins in sass[name])
         assert wide >= 8, f"{name}: {wide} 16-byte shared stores, expected dQ's hand-off"
+
+
+def test_backward_descriptors_advance_in_64_bits(sass):
+    """The backward's wgmma descriptors step through the k-blocks with one 64-bit uniform add
+    each (csrc/gemm.h, kDescAdd64): about one UIADD3.64 per descriptor HGMMA and k-step. In
+    CuTe's form (a 32-bit add to the low word) ptxas wrote the constant high word again before
+    every HGMMA, two UIADD3 and two UMOV per SS HGMMA; a main kernel then had 2-6 UIADD3.64 in
+    all (bwd-notes, fourth session of 2026-12-07: +1-3% with the 64-bit form)."""
+    names = [n for n in sass if n.startswith("prefixlm_bwd_d")]  # main kernels
+    assert len(names) >= 4, f"expected the 4 backward instantiations, found {names}"
+    for name in names:
+        products = sum("HGMMA" in ins and "gdesc" in ins for _, ins in sass[name])
+        adds = sum(bool(re.match(r"UIADD3\.64\b", ins)) for _, ins in sass[name])
+        assert adds >= products, (
+            f"{name}: {adds} 64-bit uniform adds for {products} descriptor HGMMAs: the "
+            "descriptors are no longer advanced in 64 bits")
 
 
 def test_no_local_memory(sass):
