@@ -295,8 +295,9 @@ __device__ inline void bwd_zero_fill_sync() { cutlass::arch::NamedBarrier::sync(
 // FlashAttention-4's for the same instruction count); staggered, warpgroup 0's exponentials
 // run while warpgroup 1's S^T is computed. One arrive and one sync per query block: the
 // meeting (barrier 1) of every block keeps warpgroup 0 from arriving twice before warpgroup 1
-// has waited once, so arrivals of two blocks never mix. Not with kDqSingleWg, whose meeting
-// warpgroup 0 only arrives at (see the dS hand-off).
+// has waited once, so arrivals of two blocks never mix. Only where BwdTraits::kStagger is set
+// (D = 128): D = 64 measured faster without it, and D = 96's meeting is one warpgroup 0 only
+// arrives at (see the dS hand-off), which could not bound it.
 __device__ inline void bwd_stagger_wait(int warpgroup) {
   if (warpgroup == 1) cutlass::arch::NamedBarrier::sync(256, 2);
 }
