@@ -12,14 +12,16 @@ drift reach all of them alike. Prints fwd / bwd TF/s (benchmarks/README.md's pro
 autograd, bwd = fwd+bwd - fwd, pairs the mask allows) per case and round, and each build's
 median over the rounds relative to the first build's.
 
-SPECS: ';'-separated cases ``D,kind,seqlen[,wLEFT][,cCAP]``: kind full / causal (dense, H
-from cases.dense_heads) or prefixlm (the HRM-Text-shaped batch; seqlen ignored); wLEFT adds
-the window (LEFT, 0), cCAP the softcap CAP. Example: ``128,causal,8192;64,full,2048,c50``.
+SPECS: ';'-separated cases ``D,kind,seqlen[,wLEFT][,cCAP][,det]``: kind full / causal (dense,
+H from cases.dense_heads) or prefixlm (the HRM-Text-shaped batch; seqlen ignored); wLEFT adds
+the window (LEFT, 0), cCAP the softcap CAP, det times the deterministic backward
+(torch.use_deterministic_algorithms). Example: ``128,causal,8192;64,full,2048,c50;64,full,2048,det``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import lzma
 import shutil
@@ -44,10 +46,12 @@ def parse_case(spec: str):
 
     fields = spec.split(",")
     if len(fields) < 3:
-        raise ValueError(f"case {spec!r}: expected D,kind,seqlen[,wLEFT][,cCAP]")
+        raise ValueError(f"case {spec!r}: expected D,kind,seqlen[,wLEFT][,cCAP][,det]")
     d, kind, n = int(fields[0]), fields[1], int(fields[2])
     window, softcap = (-1, -1), 0.0
     for extra in fields[3:]:
+        if extra == "det":
+            continue  # case_deterministic
         if extra[:1] == "w":
             window = (int(extra[1:]), 0)
         elif extra[:1] == "c":
@@ -59,6 +63,27 @@ def parse_case(spec: str):
     if kind not in cases.KINDS:
         raise ValueError(f"case {spec!r}: kind must be one of {cases.KINDS} or prefixlm")
     return d, cases.dense_batch(kind, n, cases.dense_heads(d), window, softcap)
+
+
+def case_deterministic(spec: str) -> bool:
+    """Whether a case spec asks for the deterministic backward (its ``det`` field)."""
+    return "det" in spec.split(",")[3:]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(on) for one case, restored afterwards: the public
+    function's backward then adds dQ in a fixed order (README). warn_only, so that the
+    benchmark's own torch ops are not refused for lacking a deterministic form."""
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def worker(specs: list[str]) -> dict:
@@ -74,7 +99,9 @@ def worker(specs: list[str]) -> dict:
     for spec in specs[:1] + specs:
         d, batch = parse_case(spec)
         inp = cases.make_inputs(batch, d)
-        t, _, _ = timing.measure(spec, lambda: peers.OURS.build(batch, inp, True), bench, True)
+        with deterministic_algorithms(case_deterministic(spec)):
+            t, _, _ = timing.measure(spec, lambda: peers.OURS.build(batch, inp, True), bench,
+                                     True)
         row = t.to_dict(batch.fwd_flops(d))
         result[spec] = [row["fwd_tflops"], row["bwd_tflops"]]  # the first case's 2nd wins
     return result

@@ -217,9 +217,27 @@ def test_ab_case_specs_name_their_batches():
     assert b.heads == cases.dense_heads(64) and b.slots == (2048,) * (cases.TOKENS // 2048)
     d, b = ab.parse_case("128,prefixlm,0")
     assert d == 128 and b == cases.prefixlm_batch()
+    assert ab.parse_case("64,full,2048,det") == ab.parse_case("64,full,2048")
+    assert ab.case_deterministic("64,full,2048,c50,det")
+    assert not ab.case_deterministic("64,full,2048,c50")
     for bad in ("128,full", "128,diagonal,8192", "128,full,8192,x3"):
         with pytest.raises(ValueError):
             ab.parse_case(bad)
+
+
+def test_ab_deterministic_cases_run_under_deterministic_algorithms():
+    """A ``det`` case turns torch.use_deterministic_algorithms on for its timing only (the
+    public function's backward follows it), and the setting before comes back."""
+    import torch
+
+    from benchmarks import ab
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with ab.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    with ab.deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_ab_stages_each_build_beside_the_package(tmp_path):
