@@ -5,7 +5,7 @@ kernels of the last iteration run between cudaProfilerStart / Stop, so that
     ncu --profile-from-start off --set full python3 tools/ncu_workload.py 128,full,8192 ours fa4
 
 profiles exactly one training step per method (after warm-up runs, which also let FA4 compile
-its kernels). The case is ab.py's spec (D,kind,seqlen[,wLEFT][,cCAP]); the methods are
+its kernels). The case is ab.py's spec (D,kind,seqlen[,wLEFT][,cCAP][,det]); the methods are
 benchmarks/peers.py keys. tools/device_check.sh PARTS=ncu runs it and exports the reports.
 """
 
@@ -22,7 +22,14 @@ from benchmarks import ab, cases, peers  # noqa: E402
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    spec, keys = sys.argv[1], sys.argv[2:] or ["ours"]
+    # A `det` case (ab.py) profiles the deterministic backward: every method runs with
+    # torch.use_deterministic_algorithms on (warn_only, so no peer is refused).
+    with ab.deterministic_algorithms(ab.case_deterministic(sys.argv[1])):
+        profile(sys.argv[1], sys.argv[2:])
+
+
+def profile(spec: str, keys: list[str]):
+    keys = keys or ["ours"]
     by_key = {peer.key: peer for peer in (peers.OURS, *peers.PEERS)}
     unknown = [key for key in keys if key not in by_key]
     if unknown:
