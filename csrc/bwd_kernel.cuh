@@ -1299,12 +1299,12 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             // the dQ warpgroup reads the other's half, so the other arrives and goes on (its
             // dK, its next block's S^T) while dQ runs. It cannot arrive twice before the dQ
             // warpgroup has synced once: its next dS store waits on ds_free, which the dQ
-            // warpgroup arrives at only after this block's dQ product.
-            if constexpr (Traits::kDqSingleWg) {
-              if (dq_here) bwd_consumers_sync();
-              else bwd_consumers_arrive();
-            } else {
+            // warpgroup arrives at only after this block's dQ product. (Without kDqSingleWg,
+            // dq_here is true for both.)
+            if (dq_here) {
               bwd_consumers_sync();
+            } else {
+              bwd_consumers_arrive();
             }
             // Stage "dQ, dK": dQ before dK, so that dQ leaves registers for shared memory while
             // dK += dS^T Q (dS^T from registers) runs.
