@@ -20,7 +20,8 @@
 //
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
 // Q and dO per query block through a kStages pipeline, with that block's LSE and D as bulk
-// copies on the same barrier) and the dQ writer (one thread of warp 1); warpgroups 1 and 2
+// copies on the same barrier) and the dQ writers (one thread of warp 1; D = 128 also one of
+// warp 2, BwdTraits::kDqWriters); warpgroups 1 and 2
 // compute. Work comes from the schedule (built by the preprocess's first CTA): key-block
 // tiles, then chunks of padding rows of k whose dK and dV are written as zeros inside this
 // launch. CTAs take the items dynamically in list order (tile_handoff.h): within a sequence,
@@ -171,6 +172,11 @@ struct BwdTraits {
   // reductions of v7, D=128: 13% of all warp stall samples on dq_empty).
   // D = 192 and 256 leave room for one (48 and 64 KB).
   static constexpr int kDqBuffers = kPInSmem ? 1 : 2;
+  // dQ writers (bwd_dq_writer). D = 128: one per buffer, each taking every second job, so
+  // that one's round trip (deterministic mode: its turn, the write landing, the turn passed
+  // on) overlaps the other's: deterministic +5-13%, the other mode +0-2%. D = 64 measured
+  // 1-4% slower with two (both modes), D = 96 was not measured: one writer for all buffers.
+  static constexpr int kDqWriters = kBlockM == 64 && !kDqSingleWg ? kDqBuffers : 1;
   // dS buffers. With one, a warpgroup waits (ds_free) until both have finished the previous
   // block's dQ product before it overwrites dS. With two, the meeting before each dQ product
   // already orders it: a warpgroup passes block m's meeting only after its dQ product of
@@ -184,7 +190,9 @@ struct BwdTraits {
   // Jobs in flight from the producer to the dQ writer. When the producer describes block b,
   // the compute warpgroups have released block b - kStages, so they wrote dQ of block
   // b - kStages - 1, so the writer has taken block b - kStages - 1 - kDqBuffers: a ring of
-  // kDqJobs never makes the producer wait.
+  // kDqJobs never makes the producer wait. With a writer per buffer that bound is looser (a
+  // writer takes its next job after its current one's round trip); a wait there is safe:
+  // the jobs before the slot's are all loaded, so the writers need nothing from the producer.
   static constexpr int kDqJobs = kStages + kDqBuffers + 1;
 
   // Shared-memory tiles of Q, dO (SmemAtomQ) and K, V (SmemAtomK): rows swizzled over 128,
@@ -534,7 +542,7 @@ __device__ void bwd_producer(const BwdKernelParams<Traits>& params,
       }
     }
   }
-  publish_job(-1, -1, 0);  // the writer stops
+  for (int w = 0; w < Traits::kDqWriters; ++w) publish_job(-1, -1, 0);  // the writers stop
 }
 
 // Asynchronous copy of `bytes` (a multiple of 16) from shared to global memory, both 16-byte
@@ -545,8 +553,9 @@ __device__ inline void bulk_store(float* gmem, const float* smem, int bytes) {
                : "memory");
 }
 
-// The dQ writer (one thread of warp 1): for each query block the compute warpgroups hand
-// over in ss.dq (the producer describes it in a DqJob), writes the whole block to the fp32
+// The dQ writer `writer` (one thread of warp 1 + writer; Traits::kDqWriters of them): for
+// each query block the compute warpgroups hand over in ss.dq (every kDqWriters-th job, in
+// buffer job % kDqBuffers; the producer describes it in a DqJob), writes the whole block to the fp32
 // accumulator with one bulk operation (rows past Lq hold exact zeros and land in the slot's
 // own padding, see BwdWorkspace). The accumulator is not cleared beforehand: the first write
 // of a block stores, the later ones add. The block's word in dq_semaphore (0 from the
@@ -562,10 +571,14 @@ __device__ inline void bulk_store(float* gmem, const float* smem, int bytes) {
 // writes zeros there.
 template <class Traits>
 __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
-                              typename Traits::SharedStorage& ss) {
-  int buffer = 0;
+                              typename Traits::SharedStorage& ss, int writer) {
+  static_assert(Traits::kDqWriters == 1 || Traits::kDqWriters == Traits::kDqBuffers,
+                "one writer, or one per buffer");
+  constexpr bool kEarlyRelease = Traits::kDqWriters > 1;
+  int buffer = writer;  // job j uses buffer j % kDqBuffers
   uint32_t full_phase = 0;
-  for (int j = 0;; ++j) {
+  for (int j = writer;; j += Traits::kDqWriters) {
+    if constexpr (kEarlyRelease) full_phase = (j / Traits::kDqBuffers) & 1;  // buffer `writer`
     const int slot = j % Traits::kDqJobs;
     wait_barrier(&ss.job_full[slot], (j / Traits::kDqJobs) & 1);
     const DqJob job = ss.dq_jobs[slot];
@@ -599,18 +612,28 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       bulk_reduce_add_f32(dst, ss.dq[buffer], Traits::kDqBlockBytes);
     }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    if constexpr (kEarlyRelease) {
+      // The buffer is free for the compute warpgroups once the operation has read it, before
+      // its writes land in global memory: the ordered mode's round trip (the writes land,
+      // the turn passes on) then does not hold the buffer. Measured only together with the
+      // second writer, so the single writer keeps the order below.
+      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
+    }
     if (ordered || first) {
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the write is done
       asm volatile("fence.proxy.async.global;" ::: "memory");
       __threadfence();
       st_release_gpu(word, ordered ? job.turn + 1 : 2);
-    } else {
+    } else if (!kEarlyRelease) {
       asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
     }
-    cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
-    if (++buffer == Traits::kDqBuffers) {
-      buffer = 0;
-      full_phase ^= 1;
+    if constexpr (!kEarlyRelease) {
+      cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
+      if (++buffer == Traits::kDqBuffers) {
+        buffer = 0;
+        full_phase ^= 1;
+      }
     }
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
@@ -1394,7 +1417,9 @@ __device__ __forceinline__ void bwd_kernel_body(const BwdKernelParams<Traits>& p
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0) bwd_producer<Traits>(params, ss);
-    if (warp == 1 && cute::elect_one_sync()) bwd_dq_writer<Traits>(params, ss);
+    if (warp >= 1 && warp <= Traits::kDqWriters && cute::elect_one_sync()) {
+      bwd_dq_writer<Traits>(params, ss, warp - 1);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<240>();
     bwd_consumer<Traits>(params, ss);
