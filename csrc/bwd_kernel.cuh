@@ -574,11 +574,11 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
                               typename Traits::SharedStorage& ss, int writer) {
   static_assert(Traits::kDqWriters == 1 || Traits::kDqWriters == Traits::kDqBuffers,
                 "one writer, or one per buffer");
-  constexpr bool kEarlyRelease = Traits::kDqWriters > 1;
-  int buffer = writer;  // job j uses buffer j % kDqBuffers
-  uint32_t full_phase = 0;
   for (int j = writer;; j += Traits::kDqWriters) {
-    if constexpr (kEarlyRelease) full_phase = (j / Traits::kDqBuffers) & 1;  // buffer `writer`
+    // Job j fills buffer j % kDqBuffers (with a writer per buffer, always `writer`) for the
+    // (j / kDqBuffers)-th time, the phase in which the compute warpgroups filled it.
+    const int buffer = j % Traits::kDqBuffers;
+    const uint32_t full_phase = (j / Traits::kDqBuffers) & 1;
     const int slot = j % Traits::kDqJobs;
     wait_barrier(&ss.job_full[slot], (j / Traits::kDqJobs) & 1);
     const DqJob job = ss.dq_jobs[slot];
@@ -612,28 +612,16 @@ __device__ void bwd_dq_writer(const BwdKernelParams<Traits>& params,
       bulk_reduce_add_f32(dst, ss.dq[buffer], Traits::kDqBlockBytes);
     }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-    if constexpr (kEarlyRelease) {
-      // The buffer is free for the compute warpgroups once the operation has read it, before
-      // its writes land in global memory: the ordered mode's round trip (the writes land,
-      // the turn passes on) then does not hold the buffer. Measured only together with the
-      // second writer, so the single writer keeps the order below.
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
-    }
+    // The buffer is free for the compute warpgroups once the operation has read it, before
+    // its writes land in global memory: the first write's and the ordered mode's round trip
+    // (the writes land, the flag or turn passes on) then does not hold the buffer.
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
     if (ordered || first) {
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the write is done
       asm volatile("fence.proxy.async.global;" ::: "memory");
       __threadfence();
       st_release_gpu(word, ordered ? job.turn + 1 : 2);
-    } else if (!kEarlyRelease) {
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // dq has been read
-    }
-    if constexpr (!kEarlyRelease) {
-      cutlass::arch::ClusterBarrier::arrive(&ss.dq_empty[buffer]);
-      if (++buffer == Traits::kDqBuffers) {
-        buffer = 0;
-        full_phase ^= 1;
-      }
     }
   }
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
