@@ -290,6 +290,11 @@ __device__ inline void bwd_gemm_issue(TiledMma& mma, TA const& tA, TB const& tB,
 // Named barrier 1: the two compute warpgroups (0 is __syncthreads).
 __device__ inline void bwd_consumers_sync() { cutlass::arch::NamedBarrier::sync(256, 1); }
 __device__ inline void bwd_consumers_arrive() { cutlass::arch::NamedBarrier::arrive(256, 1); }
+// Named barriers 4 and 5: one compute warpgroup's shared-memory stores are done, for its own
+// wgmma (D = 192: dV^T and dK^T read only the warpgroup's own P and dS columns).
+__device__ inline void bwd_warpgroup_sync(int warpgroup) {
+  cutlass::arch::NamedBarrier::sync(128, 4 + warpgroup);
+}
 // Named barrier 3: the compute warpgroups have zero-filled a query block's padding rows. Not
 // barrier 1: with kDqSingleWg, warpgroup 0 only arrives at a block's meeting and may reach
 // the next block's zero-fill before warpgroup 1 has reached the meeting; on barrier 1 its two
@@ -1108,8 +1113,9 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
 
   // Stage "P, dS hand-off" (kPInSmem): both in the input precision to shared memory (tPsP,
   // tdSsdS: this thread's part of the tiles, SmemLayoutPdSAcc), once both warpgroups'
-  // products of the previous block have read them; the meeting puts both halves there.
-  auto hand_off_p_ds = [&](auto&& tPsP, auto&& tdSsdS) {
+  // products of the previous block have read them. The caller then waits for this
+  // warpgroup's stores alone (bwd_warpgroup_sync) or for both halves (the meeting).
+  auto store_p_ds = [&](auto&& tPsP, auto&& tdSsdS) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) tPrP(i) = Element(tSrS(i));
     CUTLASS_PRAGMA_UNROLL
@@ -1119,7 +1125,6 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
     copy(copy_ds, thr_copy_ds.retile_S(tPrP), tPsP(_, _, _, 0));
     copy(copy_ds, tdSrdS_copy, tdSsdS(_, _, _, 0));
     cutlass::arch::fence_view_async_shared();
-    bwd_consumers_sync();
   };
 
   for (int k = 0;; ++k) {
@@ -1210,17 +1215,21 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             bwd_ds<Traits>(dpt, scores, dpsum, keys_real, so.lse[stage], scores_coord,
                            params.scale_log2, lse);
             // This warpgroup's 48 key columns of P and dS, transposed to the
-            // queries-contiguous tiles (dQ needs all 96 keys).
-            hand_off_p_ds(tPsP, tdSsdS);
+            // queries-contiguous tiles.
+            store_p_ds(tPsP, tdSsdS);
+            bwd_warpgroup_sync(warpgroup);
             Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
-            // Stage "dV, dK, dQ": dV^T and dK^T of this warpgroup's keys (B = its P / dS
-            // columns, K-major in the (keys, queries) view), then its half of dQ's head dim.
-            // The stage's Q and dO are released as soon as dV^T and dK^T are done, so that the
-            // producer loads the next block's while dQ runs and is handed off.
+            // Stage "dV, dK, dQ": dV^T and dK^T of this warpgroup's keys (B = its own P / dS
+            // columns, K-major in the (keys, queries) view), issued before the meeting, so that
+            // they run while the warpgroup waits there for the other's half of dS; then its
+            // half of dQ's head dim, over all 96 keys. The stage's Q and dO are released as
+            // soon as dV^T and dK^T are done, so that the producer loads the next block's
+            // while dQ runs and is handed off.
             Tensor tdVrP = desc_dkv.partition_fragment_B(oPt);    // (MMA, MMA_N, MMA_K, 1)
             Tensor tdKrdS = desc_dkv.partition_fragment_B(odSt);
             bwd_gemm_issue<false>(mma_dkv, tdVrdOt(_, _, _, stage), tdVrP(_, _, _, 0), tdVrdV);
             bwd_gemm_issue<false>(mma_dkv, tdKrQt(_, _, _, stage), tdKrdS(_, _, _, 0), tdKrdK);
+            bwd_consumers_sync();
             bwd_gemm_issue<true>(mma_dq, tdQrdS(_, _, _, 0), tdQrK, tdQrdQ);
             warpgroup_wait<1>();  // dV^T and dK^T done: Q, dO and P are free
             warpgroup_fence_operand(tdVrdV);
@@ -1244,7 +1253,8 @@ __device__ void bwd_consumer(const BwdKernelParams<Traits>& params,
             fence_after_wait(tSrV, tdPrdP);
             bwd_ds<Traits>(dpt, scores, bwd_load_query_values(so.dpsum[stage], scores_coord),
                            keys_real, so.lse[stage], scores_coord, params.scale_log2, lse);
-            hand_off_p_ds(tPsP, tdSsdS);
+            store_p_ds(tPsP, tdSsdS);
+            bwd_consumers_sync();  // the products below read both halves
             Tensor oPt = make_tensor(make_smem_ptr(so.p.data()), typename Traits::SmemLayoutdSt{});
             // Stage "dQ, dV, dK": this warpgroup's half of the head dim of each, all three
             // read from shared memory; dQ first, so that it leaves registers for shared memory
