@@ -21,10 +21,9 @@
 // CTA = 3 warpgroups: warpgroup 0 holds the producer warp (TMA loads: K and V once per tile,
 // Q and dO per query block through a kStages pipeline, with that block's LSE and D as bulk
 // copies on the same barrier) and the dQ writers (one thread of warp 1; D = 128 also one of
-// warp 2, BwdTraits::kDqWriters); warpgroups 1 and 2
-// compute. Work comes from the schedule (built by the preprocess's first CTA): key-block
-// tiles, then chunks of padding rows of k whose dK and dV are written as zeros inside this
-// launch. CTAs take the items dynamically in list order (tile_handoff.h): within a sequence,
+// warp 2, BwdTraits::kDqWriters); warpgroups 1 and 2 compute. Work comes from the schedule
+// (built by the preprocess's first CTA): key-block tiles, then chunks of padding rows of k
+// whose dK and dV are written as zeros inside this launch. CTAs take the items dynamically in list order (tile_handoff.h): within a sequence,
 // key block 0 (which sees the most query blocks under a causal mask) first. Tiles start in
 // list order, so the smallest unfinished tile never waits on a later one and the ordered dQ
 // adds of deterministic mode cannot deadlock, whether or not every CTA is resident.
@@ -560,8 +559,8 @@ __device__ inline void bulk_store(float* gmem, const float* smem, int bytes) {
 
 // The dQ writer `writer` (one thread of warp 1 + writer; Traits::kDqWriters of them): for
 // each query block the compute warpgroups hand over in ss.dq (every kDqWriters-th job, in
-// buffer job % kDqBuffers; the producer describes it in a DqJob), writes the whole block to the fp32
-// accumulator with one bulk operation (rows past Lq hold exact zeros and land in the slot's
+// buffer job % kDqBuffers; the producer describes it in a DqJob), writes the whole block to
+// the fp32 accumulator with one bulk operation (rows past Lq hold exact zeros and land in the slot's
 // own padding, see BwdWorkspace). The accumulator is not cleared beforehand: the first write
 // of a block stores, the later ones add. The block's word in dq_semaphore (0 from the
 // preprocess) says which comes first and when the store has landed:
