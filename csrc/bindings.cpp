@@ -74,6 +74,10 @@ prefixlm::VarlenProblem make_problem(const Tensor& q, const Tensor& k, const Ten
                   "prefixlm_C: k and v must have the dtype of q");
   STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "prefixlm_C: q and k must be 3-D");
   const int64_t heads = q.size(1), heads_k = k.size(1), dim = q.size(2);
+  // Checked here as well as in the dispatch, which an empty batch never reaches.
+  STD_TORCH_CHECK(dim == 64 || dim == 96 || dim == 128 || dim == 192 || dim == 256,
+                  "prefixlm_C: no kernel for head_dim ", dim,
+                  " (supported: 64, 96, 128, 192, 256)");
   STD_TORCH_CHECK(heads_k > 0 && heads % heads_k == 0,
                   "prefixlm_C: the heads of q must be a multiple of the heads of k");
   check_rows_heads_dim(q, "q", heads, dim);

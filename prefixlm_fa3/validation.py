@@ -3,8 +3,11 @@
 Two levels:
 
 * ``check_fwd_inputs`` / ``check_bwd_inputs`` look only at tensor properties (dtype, device,
-  rank, shape, strides, alignment): no host synchronisation, cheap enough for every call.
-  Every error names the offending argument.
+  rank, shape, strides, alignment) and the scalar arguments: no host synchronisation. Every
+  error names the offending argument. The CPU kernels and the fake kernels run them on every
+  call; the CUDA kernels run only ``check_scalars`` first and leave the tensor properties to
+  the extension, which checks them in C++ before it launches anything, and run the full
+  checks only when it refuses an input, for their error (ops.py).
 * ``validate_metadata`` is opt-in (``validate=True`` on the public function, or the
   environment variable ``PREFIXLM_FA3_VALIDATE=1``): it copies the int32 metadata to the host
   once (a synchronisation, so not while capturing a CUDA graph) and checks that it is
@@ -144,7 +147,12 @@ def check_fwd_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, 
             _check_int32_vector(name, t, q, batch)
     if prefix_lens is not None and not causal:
         raise _fail("prefix_lens requires causal=True (PrefixLM is causal after the prefix)")
+    check_scalars(max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap)
 
+
+def check_scalars(max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+                  softcap) -> None:
+    """The checks of check_fwd_inputs on its non-tensor arguments."""
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value < 0:
             raise _fail(f"{name} must be >= 0, got {value}")

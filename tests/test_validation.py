@@ -24,19 +24,19 @@ def _valid_fwd():
 
 def _misaligned(t):
     """Same shape and strides as t, data pointer 2 bytes past a 16-byte boundary."""
-    buf = torch.zeros(t.numel() + 8, dtype=t.dtype)
+    buf = torch.zeros(t.numel() + 8, dtype=t.dtype, device=t.device)
     return buf[1:1 + t.numel()].view(t.shape)
 
 
 def _padded_heads(t):
     """Head stride D + 4: not a multiple of 8 elements."""
     rows, heads, dim = t.shape
-    return torch.zeros(rows, heads, dim + 4, dtype=t.dtype)[..., :dim]
+    return torch.zeros(rows, heads, dim + 4, dtype=t.dtype, device=t.device)[..., :dim]
 
 
 def _transposed_last(t):
     rows, heads, dim = t.shape
-    return torch.zeros(rows, dim, heads, dtype=t.dtype).transpose(1, 2)
+    return torch.zeros(rows, dim, heads, dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
 # (argument to change, how to change it, exception type, words the message must contain)
@@ -65,7 +65,8 @@ FWD_CASES = [
     ("q", lambda a: _misaligned(a["q"]), ValueError, "q must start at a 16-byte aligned"),
     ("k", lambda a: _misaligned(a["k"]), ValueError, "k must start at a 16-byte aligned"),
     ("v", lambda a: _misaligned(a["v"]), ValueError, "v must start at a 16-byte aligned"),
-    ("cu_seqlens_q", lambda a: torch.zeros(8, dtype=torch.int32)[::2], ValueError,
+    ("cu_seqlens_q", lambda a: torch.zeros(8, dtype=torch.int32, device=a["q"].device)[::2],
+     ValueError,
      "cu_seqlens_q must be contiguous"),
     (("k", "v"), lambda a: torch.zeros(a["k"].shape[0], 3, 64, dtype=a["k"].dtype), ValueError,
      "the heads of q (4) must be a multiple of the heads of k and v (3)"),
