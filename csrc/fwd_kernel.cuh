@@ -163,10 +163,13 @@ struct FwdKernelParams {
 };
 
 // Named barriers (user ids; CUTLASS offsets them past its reserved ones): 0 .. N-1 for the
-// turns below, N for all consumer threads.
+// turns below, N for all consumer threads. That one is the unaligned form: a warpgroup
+// without rows in the tile reaches it from its own copy of the block loop (kIdle), and the
+// aligned form requires every thread to execute the same instruction (synccheck: "divergent
+// threads").
 template <int kWarpgroups>
 __device__ inline void consumers_sync() {
-  cutlass::arch::NamedBarrier::sync(128 * kWarpgroups, kWarpgroups);
+  cutlass::arch::NamedBarrier(128 * kWarpgroups, kWarpgroups).arrive_and_wait_unaligned();
 }
 
 // Round-robin turns between the N consumer warpgroups (named barriers 0 .. N-1): a
@@ -421,7 +424,16 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
     OnlineSoftmax<kRows, kFixedMax, Traits::kLazyRescale> softmax(params.scale_log2,
                                                                    params.max_capped);
     clear(tOrO);
-    if (n_blocks > 0) {
+    // The tile's key blocks. Every warpgroup waits for and releases the same K / V stages and
+    // takes the same turns; kIdle: this warpgroup's 64 rows all lie past the sequence's last
+    // query (the last query block of a sequence whose length is not a multiple of kBlockM),
+    // so it issues no product and runs no softmax, and the other warpgroups get the tensor
+    // cores and the issue slots. A compile-time flag, and no product waits in the idle copy:
+    // a wgmma under a runtime branch, or waits for products never issued, made ptxas
+    // serialise every wgmma of the kernel (C7515). always_inline: otherwise the loop became a
+    // call with its captures on the stack (D=256's window / softcap kernel, 1.3 KB).
+    auto visit_key_blocks = [&](auto idle) __attribute__((always_inline)) {
+      constexpr bool kIdle = decltype(idle)::value;
       const int q_buf = q_loads % Traits::kQBuffers;
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.q_full[q_buf],
                                                      (q_loads / Traits::kQBuffers) & 1);
@@ -429,14 +441,18 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
 
       // S = Q K^T of the block in `state` (issued, not waited for).
       auto issue_s = [&](PipelineState state) {
-        warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, state.index()), tSrS);
+        if constexpr (!kIdle) {
+          warpgroup_gemm_issue<true>(mma_qk, tSrQ_buf, tSrK(_, _, _, state.index()), tSrS);
+        }
       };
       // Q's buffer is free for the tile after next once the last S product has landed (the
       // P V products do not read Q), so its load can start under this tile's last P V.
       auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&ss.q_empty[q_buf]); };
       // O += P V of the block in `state` (issued, not waited for).
       auto issue_pv = [&](PipelineState state) {
-        warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
+        if constexpr (!kIdle) {
+          warpgroup_gemm_issue<false>(mma_pv, tOrP_a, tOrV(_, _, _, state.index()), tOrO);
+        }
       };
       bool rescale_o_needed = true;  // softmax_block's: some row's O factor is not 1
       // Mask and online softmax of key block n: S -> P (fp32, in tSrS); `rescale` is the
@@ -484,12 +500,16 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       wait_my_turn(consumer_wg);
       issue_s(read_state);
       pass_turn<kWgs>(consumer_wg);
-      warpgroup_wait<0>();
-      fence_after_wait(tSrQ_buf, tSrS);
+      if constexpr (!kIdle) {
+        warpgroup_wait<0>();
+        fence_after_wait(tSrQ_buf, tSrS);
+      }
       pipeline_k.consumer_release(read_state);
       if (n_blocks == 1) release_q();
-      softmax_block(keys.n_end - 1, rescale);
-      convert_p();
+      if constexpr (!kIdle) {
+        softmax_block(keys.n_end - 1, rescale);
+        convert_p();
+      }
       PipelineState v_state = read_state;
       ++read_state;
 
@@ -511,20 +531,26 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
         issue_s(read_state);
         issue_pv(v_state);
         pass_turn<kWgs>(consumer_wg);
-        warpgroup_wait<1>();
-        fence_after_wait(tSrQ_buf, tSrS);
+        if constexpr (!kIdle) {
+          warpgroup_wait<1>();
+          fence_after_wait(tSrQ_buf, tSrS);
+        }
         pipeline_k.consumer_release(read_state);
         if (n == keys.n_begin) release_q();
-        softmax_block(n, rescale);
+        if constexpr (!kIdle) softmax_block(n, rescale);
         // ptxas hoists a wgmma wait to the top of its basic block, which put the whole softmax
         // after the P V product. A shared-memory store stays before the wait, and this one
         // needs every row's sum, so the softmax stays under the product (tests/test_sass.py).
         ss.softmax_pin[thread] = make_float2(softmax.row_sum[0], softmax.row_sum[kRows - 1]);
-        warpgroup_wait<0>();
-        fence_after_wait(tOrP_a, tOrO);
+        if constexpr (!kIdle) {
+          warpgroup_wait<0>();
+          fence_after_wait(tOrP_a, tOrO);
+        }
         pipeline_v.consumer_release(v_state);
-        if (!kFixedMax && rescale_o_needed) rescale_o(rescale);
-        convert_p();
+        if constexpr (!kIdle) {
+          if (!kFixedMax && rescale_o_needed) rescale_o(rescale);
+          convert_p();
+        }
         v_state = read_state;
         ++read_state;
       }
@@ -534,10 +560,26 @@ __device__ void fwd_consumer(const FwdKernelParams<Traits>& params,
       wait_my_turn(consumer_wg);
       issue_pv(v_state);
       pass_turn<kWgs>(consumer_wg);
-      warpgroup_wait<0>();
-      fence_after_wait(tOrP_a, tOrO);
+      if constexpr (!kIdle) {
+        warpgroup_wait<0>();
+        fence_after_wait(tOrP_a, tOrO);
+      }
       pipeline_v.consumer_release(v_state);
       ++q_loads;
+    };
+    // Only the 192-row tiles (three warpgroups) have the idle copy: a sequence's last tile
+    // leaves one or two of their warpgroups without rows whenever its length is not a
+    // multiple of 192 (512 tokens: rows 512-575). The 128-row kernels keep one copy.
+    if (n_blocks > 0) {
+      if constexpr (kWgs == 3) {
+        if (m0 + consumer_wg * 64 >= rec.len_q) {
+          visit_key_blocks(cute::true_type{});
+        } else {
+          visit_key_blocks(cute::false_type{});
+        }
+      } else {
+        visit_key_blocks(cute::false_type{});
+      }
     }
 
     // Stage 5: normalise and write O and the LSE.
