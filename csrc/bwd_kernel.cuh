@@ -23,10 +23,11 @@
 // copies on the same barrier) and the dQ writers (one thread of warp 1; D = 128 also one of
 // warp 2, BwdTraits::kDqWriters); warpgroups 1 and 2 compute. Work comes from the schedule
 // (built by the preprocess's first CTA): key-block tiles, then chunks of padding rows of k
-// whose dK and dV are written as zeros inside this launch. CTAs take the items dynamically in list order (tile_handoff.h): within a sequence,
-// key block 0 (which sees the most query blocks under a causal mask) first. Tiles start in
-// list order, so the smallest unfinished tile never waits on a later one and the ordered dQ
-// adds of deterministic mode cannot deadlock, whether or not every CTA is resident.
+// whose dK and dV are written as zeros inside this launch. CTAs take the items dynamically
+// in list order (tile_handoff.h): within a sequence, key block 0 (which sees the most query
+// blocks under a causal mask) first. Tiles start in list order, so the smallest unfinished
+// tile never waits on a later one and the ordered dQ adds of deterministic mode cannot
+// deadlock, whether or not every CTA is resident.
 //
 // NaN/Inf in padding rows never reaches a real gradient: rows of Q and dO past Lq and rows
 // of K past Lk are zero-filled in shared memory (they are multiplied by exact zeros in the
@@ -560,10 +561,10 @@ __device__ inline void bulk_store(float* gmem, const float* smem, int bytes) {
 // The dQ writer `writer` (one thread of warp 1 + writer; Traits::kDqWriters of them): for
 // each query block the compute warpgroups hand over in ss.dq (every kDqWriters-th job, in
 // buffer job % kDqBuffers; the producer describes it in a DqJob), writes the whole block to
-// the fp32 accumulator with one bulk operation (rows past Lq hold exact zeros and land in the slot's
-// own padding, see BwdWorkspace). The accumulator is not cleared beforehand: the first write
-// of a block stores, the later ones add. The block's word in dq_semaphore (0 from the
-// preprocess) says which comes first and when the store has landed:
+// the fp32 accumulator with one bulk operation (rows past Lq hold exact zeros and land in
+// the slot's own padding, see BwdWorkspace). The accumulator is not cleared beforehand: the
+// first write of a block stores, the later ones add. The block's word in dq_semaphore (0
+// from the preprocess) says which comes first and when the store has landed:
 // - unordered: the writer that moves the word from 0 to 1 stores, waits for the store to
 //   complete and sets 2; the others wait for 2, then add. A writer only ever waits for one
 //   that has already claimed the block, i.e. a running CTA, whose store depends on nothing
