@@ -105,29 +105,61 @@ def _apply(args, case):
     return args
 
 
+def on_device(args, device="cpu"):
+    """A case's CPU tensors moved to `device`. The cases that need a layout (strides, a data
+    pointer) build it on the device of q, so the move is never what they test."""
+    return {n: (t.to(device) if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t)
+            for n, t in args.items()}
+
+
+def call_function(args, **kwargs):
+    """flash_attn_varlen_func on a dict of varlen_fwd's arguments."""
+    return flash_attn_varlen_func(
+        args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+        args["max_seqlen_q"], args["max_seqlen_k"], seqused_q=args["seqused_q"],
+        seqused_k=args["seqused_k"], prefix_lens=args["prefix_lens"],
+        softmax_scale=args["softmax_scale"], causal=args["causal"], **kwargs)
+
+
 def test_valid_inputs_pass():
     out, lse = torch.ops.prefixlm.varlen_fwd(*_valid_fwd().values())
     assert out.shape == _valid_fwd()["q"].shape
 
 
+# The assert_* functions below are the input-error tests on any device: the CPU ones here,
+# the CUDA ones in tests/gpu/test_validation_cuda.py (whose kernels check tensors in the
+# extension first).
+
+
+def assert_fwd_input_error(case, device="cpu"):
+    exc_type, words = case[2:]
+    args = on_device(_apply(on_device(_valid_fwd(), device), case), device)
+    match = "^prefixlm_fa3: " + re.escape(words)
+    with pytest.raises(exc_type, match=match):
+        torch.ops.prefixlm.varlen_fwd(*args.values())
+    with pytest.raises(exc_type, match=match):
+        call_function(args)
+
+
+def assert_bwd_input_error(case, device="cpu"):
+    """The backward runs the same checks on its q, k, v and metadata."""
+    exc_type, words = case[2:]
+    args = on_device(_valid_fwd(), device)
+    out, lse = torch.ops.prefixlm.varlen_fwd(*args.values())
+    args = on_device(_apply(args, case), device)
+    with pytest.raises(exc_type, match="^prefixlm_fa3: " + re.escape(words)):
+        torch.ops.prefixlm.varlen_bwd(out, args["q"], args["k"], args["v"], out, lse,
+                                      *list(args.values())[3:], False)
+
+
 @pytest.mark.parametrize("case", FWD_CASES, ids=_case_id)
 def test_fwd_input_errors_name_the_argument(case):
-    exc_type, words = case[2:]
-    args = _apply(_valid_fwd(), case)
-    with pytest.raises(exc_type, match="^prefixlm_fa3: " + re.escape(words)):
-        torch.ops.prefixlm.varlen_fwd(*args.values())
+    assert_fwd_input_error(case)
 
 
 @pytest.mark.parametrize("case", FWD_CASES, ids=_case_id)
 def test_bwd_input_errors_name_the_argument(case):
-    """The backward runs the same checks on its q, k, v and metadata."""
-    exc_type, words = case[2:]
-    args = _valid_fwd()
-    out, lse = torch.ops.prefixlm.varlen_fwd(*args.values())
-    args = _apply(args, case)
-    with pytest.raises(exc_type, match="^prefixlm_fa3: " + re.escape(words)):
-        torch.ops.prefixlm.varlen_bwd(out, args["q"], args["k"], args["v"], out, lse,
-                                      *list(args.values())[3:], False)
+    assert_bwd_input_error(case)
 
 
 # Window sizes and softcap (keyword arguments of both ops, window_size / softcap of the
@@ -142,9 +174,8 @@ WINDOW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,words", WINDOW_CASES, ids=[c[1][:30] for c in WINDOW_CASES])
-def test_window_and_softcap_errors_name_the_argument(kwargs, words):
-    args = _valid_fwd()
+def assert_window_softcap_error(kwargs, words, device="cpu"):
+    args = on_device(_valid_fwd(), device)
     match = "^prefixlm_fa3: " + re.escape(words)
     with pytest.raises(ValueError, match=match):
         torch.ops.prefixlm.varlen_fwd(*args.values(), **kwargs)
@@ -154,11 +185,12 @@ def test_window_and_softcap_errors_name_the_argument(kwargs, words):
                                       *list(args.values())[3:], False, **kwargs)
     window = (kwargs.get("window_left", -1), kwargs.get("window_right", -1))
     with pytest.raises(ValueError, match=match):
-        flash_attn_varlen_func(args["q"], args["k"], args["v"], args["cu_seqlens_q"],
-                               args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"],
-                               seqused_q=args["seqused_q"], seqused_k=args["seqused_k"],
-                               prefix_lens=args["prefix_lens"], causal=True, window_size=window,
-                               softcap=kwargs.get("softcap", 0.0))
+        call_function(args, window_size=window, softcap=kwargs.get("softcap", 0.0))
+
+
+@pytest.mark.parametrize("kwargs,words", WINDOW_CASES, ids=[c[1][:30] for c in WINDOW_CASES])
+def test_window_and_softcap_errors_name_the_argument(kwargs, words):
+    assert_window_softcap_error(kwargs, words)
 
 
 BWD_CASES = [
@@ -176,10 +208,9 @@ BWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
-def test_bwd_only_input_errors(case):
+def assert_bwd_only_input_error(case, device="cpu"):
     name, change, exc_type, words = case
-    args = _valid_fwd()
+    args = on_device(_valid_fwd(), device)
     out, lse = torch.ops.prefixlm.varlen_fwd(*args.values())
     tensors = {"dout": out.clone(), "out": out, "softmax_lse": lse}
     tensors[name] = change(tensors[name], tensors[name])
@@ -189,11 +220,15 @@ def test_bwd_only_input_errors(case):
                                       *list(args.values())[3:], False)
 
 
+@pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
+def test_bwd_only_input_errors(case):
+    assert_bwd_only_input_error(case)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["k", "v", "cu_seqlens_k", "seqused_q", "prefix_lens"])
 def test_device_mismatch_names_the_argument(name):
-    args = {n: (t.cuda() if isinstance(t, torch.Tensor) else t)
-            for n, t in _valid_fwd().items()}
+    args = on_device(_valid_fwd(), "cuda")
     args[name] = args[name].cpu()
     with pytest.raises(ValueError, match=f"^prefixlm_fa3: {name} must be on the device of q"):
         torch.ops.prefixlm.varlen_fwd(*args.values())
