@@ -64,3 +64,33 @@ def test_ncu_summary_ranks_instructions_by_stall_samples(tmp_path):
     assert [r[1].split()[0] for r in rows] == ["BAR.SYNC.DEFER_BLOCKING", "HGMMA.64x64x16.F32.BF16"]
     assert rows[0][0] == 0.6 and rows[0][2] == "barrier 55"
     assert rows[1][2] == "long_sb 5"
+
+
+def test_step_timeline_splits_steps_at_the_marker_and_takes_medians():
+    timeline = _load("step_timeline")
+    marker, clear = "void at::cuda::spin_kernel(long)", "fill"
+
+    def step(t, pre, main, gap):
+        # marker, L2 clear ending at t, then pre and main with `gap` us between them.
+        return [(marker, t - 20, t - 10), (clear, t - 10, t), ("pre", t + 2, t + 2 + pre),
+                ("main", t + 2 + pre + gap, t + 2 + pre + gap + main)]
+
+    kernels = [("warm-up, before any marker", 0, 5)]
+    kernels += step(100, 50, 1000, 4) + step(2000, 52, 1010, 6) + step(4000, 54, 990, 5)
+    kernels += [(marker, 6000, 6010), (clear, 6010, 6020)]  # an unfinished step: dropped
+    steps = timeline.split_steps(kernels)
+    assert [[k[0] for k in s] for s in steps] == [[clear, "pre", "main"]] * 3
+    rows, (span, busy, used) = timeline.summarize(steps)
+    assert rows == [("pre", 52, 2), ("main", 1000, 5)]
+    # Medians of each step's own totals: sums 1050, 1062, 1044; spans 1056, 1070, 1051.
+    assert used == 3 and busy == 1050 and span == 1056
+
+
+def test_step_timeline_uses_the_most_common_step_shape():
+    timeline = _load("step_timeline")
+    marker = "spin_kernel"
+    steps = [[(marker, 0, 1), ("clear", 1, 2), ("a", 3, 4)],
+             [(marker, 10, 11), ("clear", 11, 12), ("a", 13, 15)],
+             [(marker, 20, 21), ("clear", 21, 22), ("a", 23, 24), ("extra", 25, 26)]]
+    rows, (_, _, used) = timeline.summarize(timeline.split_steps([k for s in steps for k in s]))
+    assert [r[0] for r in rows] == ["a"] and used == 2

@@ -16,6 +16,10 @@
 # 128,full,8192), methods NCU_METHODS (default "ours fa4"), kernels matching the regex
 # NCU_KERNELS (default all): $OUT/ncuI.details.txt (every section), ncuI.source.csv.xz (the
 # per-instruction source counters) and the short table of tools/ncu_summary.py, also printed.
+# PARTS=timeline prints each method's training-step timeline (tools/step_timeline.py: every
+# kernel's median time and the idle time before it) for each case of TIMELINE_CASES
+# (';'-separated ab.py specs, default 64,full,2048), methods TIMELINE_METHODS (default
+# "ours fa4"): $OUT/timelineI.txt.
 # TEST_EXT=.ab/NAME.so.xz runs the tests, sanitizers and benchmark on that build instead of a
 # wheel's (with the working tree's tests: apply a variant's patch before the call).
 set -u
@@ -26,8 +30,8 @@ PARTS=${PARTS:-tests sanitize bench}
 # A misspelt part fails before any device time is spent on the others.
 for part in $PARTS; do
   case $part in
-    tests|sanitize|ab|ncu|bench) ;;
-    *) echo "unknown part '$part' in PARTS (tests sanitize ab ncu bench)" >&2; exit 2 ;;
+    tests|sanitize|ab|ncu|timeline|bench) ;;
+    *) echo "unknown part '$part' in PARTS (tests sanitize ab ncu timeline bench)" >&2; exit 2 ;;
   esac
 done
 if [ "${STAGE:-0}" = 1 ]; then
@@ -89,6 +93,14 @@ for part in $PARTS; do
         ncu --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.source.csv" 2>&1
         python3 tools/ncu_summary.py "$rep.details.txt" "$rep.source.csv" | tee "$rep.summary.txt"
         xz -T4 "$rep.source.csv" && rm -f "$rep.ncu-rep"
+      done ;;
+    timeline)
+      fa4_site
+      IFS=';' read -ra timeline_cases <<< "${TIMELINE_CASES:-64,full,2048}"
+      for i in "${!timeline_cases[@]}"; do
+        timeout ${TIMELINE_TIMEOUT:-180} python3 tools/step_timeline.py "${timeline_cases[$i]}" \
+          ${TIMELINE_METHODS:-ours fa4} > "$OUT/timeline$i.txt" 2>&1
+        echo "timeline ${timeline_cases[$i]} rc $?"; cat "$OUT/timeline$i.txt"
       done ;;
     bench)
       fa4_site
