@@ -43,10 +43,10 @@ python3 -m venv --system-site-packages "$work/venv"
 
 # The tests run from a copy outside this checkout: run here, `python -m` and tests/conftest.py
 # would put the checkout's prefixlm_fa3 first on sys.path. benchmarks/ comes along for
-# tests/test_bench.py, tools/ncu_summary.py for tests/test_tools.py.
+# tests/test_bench.py, tools/ncu_summary.py and tools/step_timeline.py for tests/test_tools.py.
 mkdir -p "$work/tools"
 cp -r tests benchmarks "$work/"
-cp tools/ncu_summary.py "$work/tools/"
+cp tools/ncu_summary.py tools/step_timeline.py "$work/tools/"
 cd "$work"
 venv/bin/python - <<'PY'
 import sysconfig
