@@ -28,7 +28,10 @@ def main():
         profile(sys.argv[1], sys.argv[2:])
 
 
-def profile(spec: str, keys: list[str]):
+def build_runs(spec: str, keys: list[str]):
+    """(head_dim, batch, [(key, Run)]) for one case spec and the methods named by keys
+    (default ours), with forward and backward; a method unavailable here is skipped with a
+    line saying why, an unknown one ends the program. Also used by tools/step_timeline.py."""
     keys = keys or ["ours"]
     by_key = {peer.key: peer for peer in (peers.OURS, *peers.PEERS)}
     unknown = [key for key in keys if key not in by_key]
@@ -44,6 +47,11 @@ def profile(spec: str, keys: list[str]):
             print(f"{key}: skipped ({why})")
             continue
         runs.append((key, peer.build(batch, inp, True)))
+    return head_dim, batch, runs
+
+
+def profile(spec: str, keys: list[str]):
+    head_dim, batch, runs = build_runs(spec, keys)
     for _ in range(3):
         for _, run in runs:
             run.fwd_bwd()

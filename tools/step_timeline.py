@@ -27,8 +27,8 @@ REPS = 20
 
 def split_steps(kernels):
     """Kernels [(name, start_us, end_us)] in start order -> one list per step: what follows
-    each marker, less the first kernel after it (the L2 clear), which stays as the step's
-    reference: the list starts with it."""
+    each marker, i.e. the L2 clear (the step's reference, first) and then the step's
+    kernels. A step with no kernel after its clear is dropped."""
     steps, current = [], None
     for kernel in kernels:
         if MARKER in kernel[0]:
@@ -100,25 +100,15 @@ def timeline(run):
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    import prefixlm_fa3  # noqa: F401  (registers the ops)
-    from benchmarks import ab, cases, peers
+    from benchmarks import ab
+    from ncu_workload import build_runs  # this script's folder is first on sys.path
 
-    spec, keys = sys.argv[1], sys.argv[2:] or ["ours"]
-    by_key = {peer.key: peer for peer in (peers.OURS, *peers.PEERS)}
-    unknown = [key for key in keys if key not in by_key]
-    if unknown:
-        sys.exit(f"unknown method(s) {unknown}: the methods are {sorted(by_key)}")
-    head_dim, batch = ab.parse_case(spec)
-    inp = cases.make_inputs(batch, head_dim)
-    print(f"{batch.label} D={head_dim}: one training step per rep, after an L2 clear")
+    spec = sys.argv[1]
     with ab.deterministic_algorithms(ab.case_deterministic(spec)):
-        for key in keys:
-            peer = by_key[key]
-            why = peer.unavailable()
-            if why:
-                print(f"{key}: skipped ({why})")
-                continue
-            report(key, *timeline(peer.build(batch, inp, True)))
+        head_dim, batch, runs = build_runs(spec, sys.argv[2:])
+        print(f"{batch.label} D={head_dim}: one training step per rep, after an L2 clear")
+        for key, run in runs:
+            report(key, *timeline(run))
 
 
 if __name__ == "__main__":
