@@ -10,7 +10,9 @@
 # PARTS=ab times several builds against each other (benchmarks/ab.py): AB_BUILDS names their
 # extensions (e.g. .ab/base.so.xz .ab/new.so.xz, the folder carried and git-ignored via
 # .git/info/exclude; tools/build_ab.sh makes them); AB_CASES and AB_ROUNDS, when set, go to
-# its --cases and --rounds.
+# its --cases and --rounds. Several A/Bs in one call: AB_BUILDS and AB_CASES hold as many
+# '|'-separated groups (the forward's builds on forward cases, the backward's on backward
+# cases), run in order, each under AB_TIMEOUT: $OUT/ab.log, ab1.log, ...
 # PARTS=ncu profiles one training step per method on one case with Nsight Compute
 # (tools/ncu_workload.py) for each case of NCU_CASES (';'-separated ab.py specs, default
 # 128,full,8192), methods NCU_METHODS (default "ours fa4"), kernels matching the regex
@@ -76,9 +78,15 @@ for part in $PARTS; do
         echo "$tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;
     ab)
-      timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${AB_BUILDS} \
-        ${AB_CASES:+--cases "$AB_CASES"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$OUT/ab.log" 2>&1
-      echo "ab rc $?"; tail -40 "$OUT/ab.log" ;;
+      IFS='|' read -ra ab_builds <<< "${AB_BUILDS}"
+      IFS='|' read -ra ab_cases <<< "${AB_CASES:-}"
+      for i in "${!ab_builds[@]}"; do
+        log="$OUT/ab${i#0}.log"
+        cases=${ab_cases[$i]:-}
+        timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${ab_builds[$i]} \
+          ${cases:+--cases "$cases"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$log" 2>&1
+        echo "ab${i#0} rc $?"; tail -40 "$log"
+      done ;;
     ncu)
       fa4_site
       IFS=';' read -ra ncu_cases <<< "${NCU_CASES:-128,full,8192}"
