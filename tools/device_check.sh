@@ -81,11 +81,11 @@ for part in $PARTS; do
       IFS='|' read -ra ab_builds <<< "${AB_BUILDS}"
       IFS='|' read -ra ab_cases <<< "${AB_CASES:-}"
       for i in "${!ab_builds[@]}"; do
-        log="$OUT/ab${i#0}.log"
+        name=ab${i#0}  # ab, ab1, ab2, ...
         cases=${ab_cases[$i]:-}
         timeout ${AB_TIMEOUT:-300} python3 benchmarks/ab.py ${ab_builds[$i]} \
-          ${cases:+--cases "$cases"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$log" 2>&1
-        echo "ab${i#0} rc $?"; tail -40 "$log"
+          ${cases:+--cases "$cases"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} > "$OUT/$name.log" 2>&1
+        echo "$name rc $?"; tail -40 "$OUT/$name.log"
       done ;;
     ncu)
       fa4_site
